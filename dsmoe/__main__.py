@@ -1,0 +1,3 @@
+from dsmoe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""ModelArgs: one flat config with the DeepSeek reference names.
+
+Fields are grouped by concern (sizes, MoE, MLA, RoPE/YaRN, MTP) and mirror
+DeepSeek's `inference/model.py`; sizes for real models live in `presets/*.json`.
+Validation runs on construction and names the field and the rule for every bad
+value, so a broken config fails before any tensor is allocated. The mapping to
+and from Hugging Face `config.json` lives in `dsmoe/interop/hf.py`, not here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dsmoe.errors import ConfigError
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+# How experts are chosen, with Hugging Face's names:
+#   noaux_tc             groups scored by the sum of their top-2 biased scores (DeepSeek-V3)
+#   group_limited_greedy groups scored by their best score (DeepSeek-V2)
+#   greedy               no groups: plain top-k (DeepSeek-V2-Lite)
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+
+@dataclass
+class ModelArgs:
+    # sizes
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_dense_layers: int = 1
+    inter_dim: int = 768
+    n_heads: int = 4
+    max_seq_len: int = 512
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # MoE
+    moe_inter_dim: int = 128
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    n_activated_experts: int = 4
+    n_expert_groups: int = 4
+    n_limited_groups: int = 2
+    score_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    route_scale: float = 1.0
+    # MLA
+    q_lora_rank: int = 0  # 0: no query compression (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # RoPE / YaRN (rope_factor 1.0 means plain RoPE)
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0  # YaRN attention factor on cos/sin (HF `mscale`)
+    mscale_all_dim: float = 1.0  # YaRN factor on the softmax scale (HF `mscale_all_dim`)
+    # multi-token prediction
+    n_mtp_layers: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def uses_yarn(self) -> bool:
+        return self.rope_factor > 1.0
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def fail(field: str, rule: str) -> None:
+            raise ConfigError(f"ModelArgs.{field}={getattr(self, field)!r}: {rule}")
+
+        positive = ("vocab_size", "dim", "n_layers", "inter_dim", "n_heads", "max_seq_len",
+                    "moe_inter_dim", "n_routed_experts", "n_activated_experts",
+                    "n_expert_groups", "n_limited_groups", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, "must be a positive integer")
+        for name in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "n_mtp_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, "must be a non-negative integer")
+        for name in ("norm_eps", "init_std", "route_scale", "rope_theta", "rope_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                fail(name, "must be a positive finite number")
+        if self.n_dense_layers > self.n_layers:
+            fail("n_dense_layers", f"cannot exceed n_layers={self.n_layers}")
+        if self.score_func not in SCORE_FUNCS:
+            fail("score_func", f"must be one of {SCORE_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            fail("topk_method", f"must be one of {TOPK_METHODS}")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of values)")
+        if self.n_routed_experts % self.n_expert_groups:
+            fail("n_routed_experts", f"must be divisible by n_expert_groups={self.n_expert_groups}")
+        if self.n_limited_groups > self.n_expert_groups:
+            fail("n_limited_groups", f"cannot exceed n_expert_groups={self.n_expert_groups}")
+        if self.topk_method == "greedy" and self.n_expert_groups != 1:
+            fail("n_expert_groups", "must be 1 with topk_method='greedy' (set topk_method to "
+                                    "'noaux_tc' or 'group_limited_greedy' to use groups)")
+        per_group = self.n_routed_experts // self.n_expert_groups
+        if self.topk_method == "noaux_tc" and self.n_expert_groups > 1 and per_group < 2:
+            fail("n_expert_groups", "noaux_tc scores a group by its top-2 experts, so each "
+                                    "group needs at least 2 experts")
+        kept = per_group * self.n_limited_groups
+        if self.n_activated_experts > kept:
+            fail("n_activated_experts", f"top-k cannot exceed the {kept} experts held by the "
+                                        f"n_limited_groups={self.n_limited_groups} kept groups")
+        if self.uses_yarn and self.beta_fast < self.beta_slow:
+            fail("beta_fast", f"must be at least beta_slow={self.beta_slow} for YaRN")
+
+    # ------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown ModelArgs field(s) {unknown}; "
+                              f"known fields are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of ModelArgs fields")
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelArgs":
+        presets = available_presets()
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {presets}")
+        text = resources.files("dsmoe.presets").joinpath(f"{name}.json").read_text()
+        return cls.from_dict(json.loads(text), source=f"preset {name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("dsmoe.presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_args(preset: str | None = None, config: str | Path | None = None) -> ModelArgs:
+    """The `--preset NAME | --config PATH` choice shared by every command."""
+    if (preset is None) == (config is None):
+        raise ConfigError("give exactly one of --preset NAME or --config PATH")
+    return ModelArgs.from_preset(preset) if preset else ModelArgs.from_json(config)

@@ -1,0 +1,159 @@
+"""The DeepSeek-V3 Transformer: embedding, blocks, final norm, output head, MTP modules.
+
+`Transformer(args)(tokens)` returns logits (B, T, vocab). `run()` returns everything a
+caller may need in one `ModelOutput`: the logits, the final hidden state, the MTP logits
+when asked (training), and the routing of every MoE layer (balancing, analysis).
+
+Notable:
+- Attention implementation is chosen in one place (`resolve_attn_impl`): `auto` attends
+  naively for training and prefill and in latent space (absorbed) for short decode steps.
+- Inputs are checked before any computation: integer ids inside the vocabulary, and no
+  position past `max_seq_len`.
+- Single-device code: nothing here reads a rank or a world size; `dsmoe/dist/` shards a
+  built model from outside.
+Not here: a loss. Training objectives live in `dsmoe/train/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsmoe.config import ModelArgs
+from dsmoe.errors import DsmoeError
+from dsmoe.model.block import Block
+from dsmoe.model.layers import RMSNorm
+from dsmoe.model.mla import ATTN_IMPLS
+from dsmoe.model.moe import EXPERT_IMPLS, MoE, RoutedExperts, RoutingInfo
+from dsmoe.model.mtp import MTPModule
+from dsmoe.model.rope import rope_tables
+
+# Absorbed attention pays C-wide dot products per key for every query; for more than a
+# handful of new tokens, expanding K/V once (naive) is cheaper.
+ABSORB_MAX_NEW_TOKENS = 8
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden: torch.Tensor  # (B, T, D): last block's output, before the final norm
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V)
+    routing: list[RoutingInfo] = field(default_factory=list)  # one per MoE layer of the main stack
+    mtp_routing: list[RoutingInfo] = field(default_factory=list)  # one per MTP module
+
+
+def resolve_attn_impl(impl: str, n_new: int, has_cache: bool) -> str:
+    if impl == "auto":
+        return "absorb" if has_cache and n_new <= ABSORB_MAX_NEW_TOKENS else "naive"
+    if impl not in ATTN_IMPLS:
+        raise DsmoeError(f"attn_impl={impl!r}: choose 'auto' or one of {ATTN_IMPLS}")
+    return impl
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(args, args.n_layers + i) for i in range(args.n_mtp_layers))
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.args.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, RoutedExperts):
+                for w in (module.w1_EFD, module.w3_EFD, module.w2_EDF):
+                    nn.init.normal_(w, 0.0, std)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.gate.weight, 0.0, std)
+                module.gate.bias.zero_()
+        if self.rope_cos.device.type != "meta":  # buffers are not parameters: rebuild them
+            cos, sin = rope_tables(self.args)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def set_expert_impl(self, impl: str) -> None:
+        """'grouped' (fast, default) or 'loop' (the per-expert reference)."""
+        if impl not in EXPERT_IMPLS:
+            raise DsmoeError(f"expert impl {impl!r}: choose one of {EXPERT_IMPLS}")
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                module.impl = impl
+
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, main stack first, then the MTP modules' (the order of routing)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if b.is_moe]
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, cache=None, attn_impl: str = "auto") -> torch.Tensor:
+        return self.run(tokens, cache, attn_impl=attn_impl).logits
+
+    def run(self, tokens: torch.Tensor, cache=None, *, attn_impl: str = "auto",
+            mtp: bool = False) -> ModelOutput:
+        """tokens (B, T) int. With `mtp`, depth k predicts t_{i+k+1} at positions i < T-k."""
+        self.check_input(tokens, cache)
+        B, T = tokens.shape
+        impl = resolve_attn_impl(attn_impl, T, cache is not None)
+        cos, sin, mask = self._positions(T, cache)
+        h = self.embed(tokens)
+        routing = []
+        for i, layer in enumerate(self.layers):
+            h, info = layer(h, cos, sin, cache.layer(i) if cache is not None else None, mask, impl)
+            if info is not None:
+                routing.append(info)
+        out = ModelOutput(logits=self.head(self.norm(h)), hidden=h, routing=routing)
+        if mtp:
+            self._run_mtp(tokens, out, cos, sin, impl)
+        if cache is not None:
+            cache.advance(T)
+        return out
+
+    def _run_mtp(self, tokens, out: ModelOutput, cos, sin, impl) -> None:
+        """Training-time MTP over a full sequence (no cache): depth k sees positions < T-k."""
+        h_prev = out.hidden
+        T = tokens.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            n = T - k
+            if n <= 0:
+                break
+            h_prev, info = module(h_prev[:, :n], self.embed(tokens[:, k:]), cos[:, :n], sin[:, :n], None, None, impl)
+            out.mtp_logits.append(self.head(module.norm(h_prev)))
+            if info is not None:
+                out.mtp_routing.append(info)
+
+    def _positions(self, T: int, cache):
+        """cos/sin (1 or B, T, R/2) for the new tokens, and the attention mask."""
+        if cache is None:
+            return self.rope_cos[None, :T], self.rope_sin[None, :T], None
+        positions_BT = cache.positions(T)
+        return self.rope_cos[positions_BT], self.rope_sin[positions_BT], cache.attention_mask(T)
+
+    def check_input(self, tokens: torch.Tensor, cache=None) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise DsmoeError(f"tokens must be an integer tensor of shape (batch, seq), "
+                             f"got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() == 0:
+            raise DsmoeError("tokens is empty: give at least one token per sequence")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.args.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise DsmoeError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size}); "
+                             f"the tokenizer does not match this model")
+        end = tokens.shape[1] + (cache.max_length() if cache is not None else 0)
+        if end > self.args.max_seq_len:
+            raise DsmoeError(f"sequence of {end} positions exceeds max_seq_len={self.args.max_seq_len}; "
+                             f"shorten the input or extend the context (YaRN rope_factor)")
