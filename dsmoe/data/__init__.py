@@ -6,5 +6,5 @@
 - shards.py    memory-mapped token shards, the manifest, training and validation batches
 - prepare.py   `dsmoe prepare`: text in, tokenizer + shards + manifest out
 
-Nothing is imported here, so `import dsmoe.data.mathgen` stays free of torch.
+Nothing is imported here: each module is imported where it is used.
 """
