@@ -1,0 +1,394 @@
+"""The MoE report: balance, specialisation and cost of one model on labelled data (`dsmoe report`).
+
+Design note
+-----------
+Each claim made for a DeepSeek-style MoE gets one measured or counted figure:
+- Balance without an auxiliary loss: the load of every expert in every MoE layer over the
+  evaluation tokens, and MaxVio = (max load - mean load) / mean load (the Auxiliary-Loss-Free
+  Load Balancing paper's measure, as in `dsmoe/train/balance.py`), over all domains together
+  and within each domain.
+- Experts that specialise: the domain-by-expert routing matrix, and per layer the mutual
+  information I(domain; expert) in bits between a token's domain and one of its chosen
+  experts (each token counts K times, once per chosen expert). A plug-in estimate is biased
+  upwards on finite data, so the same estimate on domain labels shuffled across tokens is
+  reported beside it: specialisation is the gap between the two.
+- A fraction of the parameters, fewer FLOPs, a smaller cache, less energy: the counts of
+  `dsmoe/analysis/flops.py` (not re-derived here), set against a dense model of the same
+  total size (the same config with every routed expert active), and an energy estimate from
+  a named accelerator's peak throughput and power at a stated utilisation.
+Routing comes from `model.run(tokens).routing`, exactly what the forward pass used.
+The report is Markdown with PNG figures (`plots.py`) and a `report.json` with every number.
+
+Deliberately not here: measured speed or measured energy (`bench/` measures speed; energy
+is an estimate from stated figures), validation loss (training reports it), and the MTP
+modules' routing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from dsmoe.analysis.flops import count_params, flops_per_token, kv_cache_bytes
+from dsmoe.analysis.routing import moe_block_ids
+from dsmoe.config import ModelArgs
+from dsmoe.errors import DataError
+from dsmoe.train.balance import max_violation
+
+FIGURES = {"load": "expert_load.png", "domains": "domain_expert.png",
+           "layers": "balance_specialisation.png"}
+
+
+# --- routing statistics -------------------------------------------------------------------------
+
+def mutual_information(joint_DE: torch.Tensor) -> float:
+    """I(domain; expert) in bits of the empirical joint distribution given by counts."""
+    p_DE = joint_DE.double() / joint_DE.sum()
+    p_D1 = p_DE.sum(1, keepdim=True)
+    p_1E = p_DE.sum(0, keepdim=True)
+    nz = p_DE > 0
+    return float((p_DE[nz] * (p_DE[nz] / (p_D1 * p_1E).expand_as(p_DE)[nz]).log2()).sum())
+
+
+def entropy_bits(counts: torch.Tensor) -> float:
+    p = counts.double()[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def _joint_counts(labels_N: torch.Tensor, ids_NK: torch.Tensor, n_domains: int, n_experts: int) -> torch.Tensor:
+    """(domain, expert) counts of token-expert pairs: each token counts once per chosen expert."""
+    cells = labels_N[:, None] * n_experts + ids_NK
+    return torch.bincount(cells.flatten(), minlength=n_domains * n_experts).view(n_domains, n_experts)
+
+
+@dataclass
+class RoutingStats:
+    """How a model routed labelled tokens, per MoE layer (L), domain (D) and expert (E)."""
+    layers: list[int]  # block index of each MoE layer
+    domains: list[str]
+    top_k: int
+    counts_LDE: torch.Tensor  # token-expert pairs (int64)
+    tokens_D: torch.Tensor  # tokens of each domain (int64)
+    mi_L: list[float]  # I(domain; expert) in bits
+    mi_shuffled_L: list[float]  # the same with domain labels shuffled across tokens
+
+    @property
+    def load_LE(self) -> torch.Tensor:
+        return self.counts_LDE.sum(1)
+
+    @property
+    def maxvio_L(self) -> list[float]:
+        """MaxVio of each layer over all evaluated tokens."""
+        return [max_violation(load) for load in self.load_LE]
+
+    @property
+    def maxvio_LD(self) -> list[list[float]]:
+        """MaxVio of each layer within each domain's tokens."""
+        return [[max_violation(load) for load in layer] for layer in self.counts_LDE]
+
+    @property
+    def domain_entropy(self) -> float:
+        """H(domain) in bits: the most mutual information there can be."""
+        return entropy_bits(self.tokens_D)
+
+    def share_LDE(self) -> torch.Tensor:
+        """Share of each domain's token-expert pairs that went to each expert (rows sum to 1)."""
+        return self.counts_LDE.double() / (self.tokens_D[None, :, None].double() * self.top_k)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "domains": self.domains, "top_k": self.top_k,
+                "tokens": dict(zip(self.domains, self.tokens_D.tolist())),
+                "load": self.load_LE.tolist(), "counts": self.counts_LDE.tolist(),
+                "maxvio": self.maxvio_L, "maxvio_by_domain": self.maxvio_LD,
+                "mutual_information_bits": self.mi_L,
+                "mutual_information_shuffled_bits": self.mi_shuffled_L,
+                "domain_entropy_bits": self.domain_entropy}
+
+
+@torch.no_grad()
+def collect_routing(model, batches: Mapping[str, Iterable[torch.Tensor]], seed: int = 0) -> RoutingStats:
+    """Route every batch (B, T) of every domain through `model`; gather the statistics.
+
+    `batches` maps a domain name to its token batches; every token of a batch is routed
+    and labelled with that domain.
+    """
+    layers = moe_block_ids(model)
+    if not layers:
+        raise DataError(f"this model has no MoE layer (n_dense_layers={model.args.n_dense_layers} "
+                        f"of n_layers={model.args.n_layers}): there is no routing to report")
+    domains = list(batches)
+    if not domains:
+        raise DataError("no domain to evaluate: give at least one domain with validation data")
+    device = next(model.parameters()).device
+    n_experts, top_k = model.args.n_routed_experts, model.args.n_activated_experts
+    ids_per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+    labels: list[torch.Tensor] = []
+    for d, domain in enumerate(domains):
+        n_before = len(labels)
+        for batch in batches[domain]:
+            routing = model.run(batch.to(device)).routing
+            for chosen, info in zip(ids_per_layer, routing):
+                chosen.append(info.ids_TK.cpu())
+            labels.append(torch.full((batch.numel(),), d, dtype=torch.long))
+        if len(labels) == n_before:
+            raise DataError(f"domain {domain!r} gave no tokens to evaluate; give it validation "
+                            "data or leave it out")
+    labels_N = torch.cat(labels)
+    shuffled_N = labels_N[torch.randperm(len(labels_N), generator=torch.Generator().manual_seed(seed))]
+    counts, mi, mi_shuffled = [], [], []
+    for chosen in ids_per_layer:
+        ids_NK = torch.cat(chosen)
+        joint_DE = _joint_counts(labels_N, ids_NK, len(domains), n_experts)
+        counts.append(joint_DE)
+        mi.append(mutual_information(joint_DE))
+        mi_shuffled.append(mutual_information(_joint_counts(shuffled_N, ids_NK, len(domains), n_experts)))
+    tokens_D = torch.bincount(labels_N, minlength=len(domains))
+    return RoutingStats(layers, domains, top_k, torch.stack(counts), tokens_D, mi, mi_shuffled)
+
+
+# --- cost -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Accelerator:
+    """Peak throughput and board power of one accelerator, from its vendor's datasheet."""
+    name: str
+    peak_flops: float  # dense (no sparsity) FLOP/s at the stated precision
+    watts: float
+    source: str
+
+    def joules_per_flop(self, utilisation: float) -> float:
+        """Energy per FLOP when the chip draws its full power at `utilisation` of peak."""
+        return self.watts / (self.peak_flops * utilisation)
+
+
+H100_SXM = Accelerator(
+    name="NVIDIA H100 SXM", peak_flops=989.4e12, watts=700.0,
+    source="NVIDIA H100 Tensor Core GPU datasheet: 989.4 TFLOP/s dense BF16 (1,979 with "
+           "2:4 sparsity), up to 700 W max thermal design power")
+DEFAULT_UTILISATION = 0.4
+
+
+def dense_equivalent(args: ModelArgs) -> ModelArgs:
+    """The same config with every routed expert active on every token: a dense model of the
+    same total size (its FFN is the concatenation of all experts)."""
+    return args.replace(n_activated_experts=args.n_routed_experts,
+                        n_limited_groups=args.n_expert_groups)
+
+
+@dataclass
+class CostReport:
+    context: int  # keys each token attends to, for the attention FLOPs
+    accelerator: Accelerator
+    utilisation: float
+    params: dict = field(default_factory=dict)
+    flops: dict = field(default_factory=dict)  # "moe" / "dense" -> FlopCounts.to_dict()
+    kv_cache: dict = field(default_factory=dict)
+    energy_wh_per_million: dict = field(default_factory=dict)  # (model, phase) -> Wh
+
+    def to_dict(self) -> dict:
+        return {"context": self.context, "accelerator": vars(self.accelerator),
+                "utilisation": self.utilisation, "joules_per_flop":
+                self.accelerator.joules_per_flop(self.utilisation), "params": self.params,
+                "flops": self.flops, "kv_cache": self.kv_cache,
+                "energy_wh_per_million_tokens": self.energy_wh_per_million}
+
+
+def cost_report(args: ModelArgs, context: int, accelerator: Accelerator = H100_SXM,
+                utilisation: float = DEFAULT_UTILISATION, dtype_bytes: int = 2) -> CostReport:
+    """Parameters, FLOPs per token, cache per token and energy per million tokens."""
+    if not 0 < utilisation <= 1:
+        raise DataError(f"utilisation={utilisation}: must be in (0, 1] (a share of peak FLOP/s)")
+    flops = {"moe": flops_per_token(args, context), "dense": flops_per_token(dense_equivalent(args), context)}
+    joules = accelerator.joules_per_flop(utilisation)
+    energy = {f"{name}_{phase}": getattr(f, phase) * 1e6 * joules / 3600.0
+              for name, f in flops.items() for phase in ("forward", "training")}
+    return CostReport(context, accelerator, utilisation, params=count_params(args).to_dict(),
+                      flops={k: f.to_dict() for k, f in flops.items()},
+                      kv_cache=kv_cache_bytes(args, dtype_bytes).to_dict(),
+                      energy_wh_per_million=energy)
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _cost_section(cost: CostReport) -> list[str]:
+    p, moe, dense, kv = cost.params, cost.flops["moe"], cost.flops["dense"], cost.kv_cache
+    e = cost.energy_wh_per_million
+    acc = cost.accelerator
+    lines = ["## Cost", "",
+             "Counted from the config by `dsmoe/analysis/flops.py` (2 FLOPs per multiply-add; "
+             f"attention over a context of {cost.context} keys; training = 3 x forward, MTP "
+             "included). The dense model has the same total parameters: the same config with "
+             "every routed expert active on every token.", ""]
+    lines += _table(["", "this MoE", "dense, same total size", "MoE / dense"], [
+        ["parameters (without MTP)", _n(p["total"]), _n(p["total"]), "1"],
+        ["activated parameters per token", _n(p["activated"]), _n(p["total"]),
+         f"{p['activated'] / p['total']:.3f}"],
+        ["forward FLOPs per token", _n(moe["forward"]), _n(dense["forward"]),
+         f"{moe['forward'] / dense['forward']:.3f}"],
+        ["training FLOPs per token", _n(moe["training"]), _n(dense["training"]),
+         f"{moe['training'] / dense['training']:.3f}"],
+        ["energy per million tokens, inference (Wh)", f"{e['moe_forward']:.3g}",
+         f"{e['dense_forward']:.3g}", f"{e['moe_forward'] / e['dense_forward']:.3f}"],
+        ["energy per million tokens, training (Wh)", f"{e['moe_training']:.3g}",
+         f"{e['dense_training']:.3g}", f"{e['moe_training'] / e['dense_training']:.3f}"],
+    ])
+    lines += ["", f"Activated parameters without embedding and output head: "
+              f"{_n(p['activated_without_embed_head'])}; MTP modules: {_n(p['mtp'])} parameters "
+              f"({_n(p['mtp_activated'])} activated).", ""]
+    lines += _table(["KV cache per token", "MLA (latent + rotary key)", "multi-head attention", "MHA / MLA"], [
+        ["values per layer", kv["mla_values_per_layer"], kv["mha_values_per_layer"], f"{kv['ratio']:.1f}"],
+        [f"bytes, all {kv['n_layers']} layers ({kv['dtype_bytes']}-byte values)",
+         _n(kv["mla_bytes_per_token"]), _n(kv["mha_bytes_per_token"]), f"{kv['ratio']:.1f}"],
+    ])
+    lines += ["", f"Energy is an estimate, not a measurement. Assumptions: {acc.name}, "
+              f"{acc.peak_flops / 1e12:,.1f} TFLOP/s peak and {acc.watts:.0f} W ({acc.source}); "
+              f"the chip reaches {cost.utilisation:.0%} of peak (model FLOP utilisation) while "
+              f"drawing its full {acc.watts:.0f} W, so one FLOP costs "
+              f"{acc.watts:.0f} / ({acc.peak_flops:.4g} x {cost.utilisation}) = "
+              f"{acc.joules_per_flop(cost.utilisation):.3g} J; host, network, cooling (PUE) and "
+              "idle time are not counted; energy = FLOPs per token x 10^6 x J/FLOP.", ""]
+    return lines
+
+
+def _balance_section(stats: RoutingStats) -> list[str]:
+    lines = ["## Balance", "",
+             f"![expert load per layer]({FIGURES['load']})", "",
+             "Load = token-expert pairs per expert over all evaluated tokens, shown relative to "
+             "the mean (1.0 = perfectly even). MaxVio = (max load - mean load) / mean load: 0 is "
+             "perfect balance. Within a domain, uneven load is expected when experts specialise; "
+             "balance is about the whole mix.", ""]
+    rows = [[layer, f"{stats.maxvio_L[l]:.3f}"] + [f"{v:.3f}" for v in stats.maxvio_LD[l]]
+            for l, layer in enumerate(stats.layers)]
+    lines += _table(["layer", "MaxVio, all domains"] + [f"MaxVio, {d}" for d in stats.domains], rows)
+    return lines + [""]
+
+
+def _specialisation_section(stats: RoutingStats) -> list[str]:
+    h = stats.domain_entropy
+    lines = ["## Specialisation", "",
+             f"![domain-by-expert routing]({FIGURES['domains']})", "",
+             "Each row: the share of a domain's token-expert pairs sent to each expert, relative "
+             "to an even spread (1.0). Score: the mutual information between a token's domain "
+             "and a chosen expert, in bits (each token counts once per chosen expert); beside it "
+             "the same estimate with the domain labels shuffled across tokens, which is what "
+             f"chance alone gives on this much data. H(domain) = {h:.3f} bits is the ceiling.", "",
+             f"![MaxVio and specialisation per layer]({FIGURES['layers']})", ""]
+    share = stats.share_LDE()
+    rows = []
+    for l, layer in enumerate(stats.layers):
+        favourites = ", ".join(f"{d}: {int(share[l, i].argmax())}" for i, d in enumerate(stats.domains))
+        rows.append([layer, f"{stats.mi_L[l]:.4f}", f"{stats.mi_shuffled_L[l]:.4f}",
+                     f"{stats.mi_L[l] / h:.3f}" if h > 0 else "n/a", favourites])
+    lines += _table(["layer", "I(domain; expert), bits", "shuffled labels, bits",
+                     "I / H(domain)", "most used expert per domain"], rows)
+    return lines + [""]
+
+
+def render_markdown(title: str, stats: RoutingStats, cost: CostReport, notes: list[str]) -> str:
+    tokens = ", ".join(f"{d}: {n:,}" for d, n in zip(stats.domains, stats.tokens_D.tolist()))
+    lines = [f"# {title}", ""] + [f"- {note}" for note in notes]
+    lines += [f"- evaluated tokens per domain: {tokens}",
+              f"- MoE layers (block index): {stats.layers}; top-{stats.top_k} routing", ""]
+    lines += _balance_section(stats) + _specialisation_section(stats) + _cost_section(cost)
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, stats: RoutingStats, cost: CostReport, title: str = "MoE report",
+                 notes: list[str] | None = None) -> Path:
+    """Write report.md, report.json and the figures into `out_dir`; return report.md's path."""
+    from dsmoe.analysis import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_expert_load(stats.load_LE, stats.layers, out / FIGURES["load"])
+    plots.plot_domain_expert(stats.share_LDE() * stats.counts_LDE.shape[-1], stats.domains,
+                             stats.layers, out / FIGURES["domains"])
+    plots.plot_layer_scores(stats.layers, stats.maxvio_L, stats.mi_L, stats.mi_shuffled_L,
+                            out / FIGURES["layers"])
+    (out / "report.json").write_text(json.dumps({"routing": stats.to_dict(), "cost": cost.to_dict(),
+                                                 "notes": notes or []}, indent=1) + "\n")
+    path = out / "report.md"
+    path.write_text(render_markdown(title, stats, cost, notes or []) + "\n", encoding="utf-8")
+    return path
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (with tokenizer.json)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="data directory made by `dsmoe prepare`")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write report.md and figures")
+    parser.add_argument("--domains", nargs="+", metavar="NAME", help="domains to evaluate (default: all)")
+    parser.add_argument("--tokens-per-domain", type=int, default=16384,
+                        help="validation tokens routed per domain (default 16384)")
+    parser.add_argument("--seq-len", type=int, default=256,
+                        help="tokens per evaluated sequence (default 256, at most max_seq_len)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context", type=int, help="context for the attention FLOPs (default: max_seq_len)")
+    parser.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
+                        help=f"share of the accelerator's peak reached, for energy (default {DEFAULT_UTILISATION})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the label shuffle")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+
+
+def open_data(data_dir: str | Path, tokenizer, domains: list[str] | None, seq_len: int):
+    """The data directory, checked against the model's tokenizer and the sequence length."""
+    from dsmoe.data.shards import TokenShards
+
+    shards = TokenShards(data_dir)
+    data_hash = shards.manifest["tokenizer"]["sha256"]
+    if tokenizer.sha256() != data_hash:
+        raise DataError(f"{data_dir} was tokenized with a different tokenizer than the model's "
+                        f"(sha256 {data_hash[:12]}... against {tokenizer.sha256()[:12]}...): re-run "
+                        f"`dsmoe prepare` with the model's tokenizer, or use the data the model was trained on")
+    chosen = domains or shards.domains
+    for domain in chosen:
+        if domain not in shards.domains:
+            raise DataError(f"no domain {domain!r} in {data_dir}; it has {shards.domains}")
+        have = shards.num_tokens("val", domain)
+        if have < seq_len + 1:
+            raise DataError(f"domain {domain!r} has {have} validation tokens in {data_dir}, fewer "
+                            f"than one sequence of {seq_len + 1}: give it more text (or a larger "
+                            "--val-fraction) in `dsmoe prepare`, use a smaller --seq-len, or leave "
+                            "it out with --domains")
+    return shards, chosen
+
+
+def run(args) -> int:
+    from dsmoe.analysis.routing import load_model_and_tokenizer
+    from dsmoe.data.shards import val_batches
+
+    for name in ("tokens_per_domain", "seq_len", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    if args.seq_len > model.args.max_seq_len:
+        raise DataError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len="
+                        f"{model.args.max_seq_len}; give --seq-len {model.args.max_seq_len} or less")
+    shards, domains = open_data(args.data, tokenizer, args.domains, args.seq_len)
+    cost = cost_report(model.args, args.context or model.args.max_seq_len, utilisation=args.utilisation)
+    max_batches = math.ceil(args.tokens_per_domain / (args.seq_len * args.batch_size))
+    # val windows hold seq_len + 1 tokens (inputs and targets); route the inputs.
+    batches = {d: (b[:, :-1] for b in val_batches(shards, d, args.batch_size, args.seq_len, max_batches))
+               for d in domains}
+    stats = collect_routing(model, batches, seed=args.seed)
+    notes = [f"model: `{args.model}`", f"data: `{args.data}` (validation split, tokenizer sha256 "
+             f"{tokenizer.sha256()[:12]}...)", f"{args.seq_len}-token sequences from the start of each domain's validation split, "
+             f"about {args.tokens_per_domain:,} tokens per domain (--tokens-per-domain)"]
+    path = write_report(args.out, stats, cost, title=f"MoE report: {Path(args.model).name}", notes=notes)
+    print(f"wrote {path}")
+    return 0
