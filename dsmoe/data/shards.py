@@ -248,7 +248,9 @@ class BatchStream:
     Row t of a batch holds tokens x[0..seq_len+extra]: inputs are [:, :seq_len], next-token
     targets [:, 1:seq_len+1], and the `extra` further tokens give multi-token-prediction
     targets. Rows are drawn from the chosen domains (default: all) in proportion to their
-    tokens. See the module note for determinism and resumption.
+    tokens; shards shorter than one window are skipped, and a domain named in `domains`
+    that has none long enough is an error. See the module note for determinism and
+    resumption.
     """
 
     def __init__(self, shards: TokenShards, split: str = "train", batch_size: int = 8,
