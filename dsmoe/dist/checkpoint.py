@@ -1,0 +1,168 @@
+"""Sharded checkpoints of a parallelised model with torch.distributed.checkpoint (DCP).
+
+Every rank writes only its own shards, in parallel; the saved tensors carry their global
+shapes, so a checkpoint written by W ranks loads on any other world size (4 -> 2 is
+tested) and, without any process group, into one full state dict (`consolidate`) that
+the single-process model, its checkpoints and the Hugging Face exporter take as is.
+
+Notable: FSDP2 parameters are already DTensors. Expert-parallel weights are plain local
+slices (E/ep experts), so they — and their optimizer moments — are presented to DCP as
+DTensors sharded along the expert axis of the expert mesh and repeated over its replicas;
+their keys are the single-device ones (`layers.N.ffn.experts.w1_EFD`). The gate bias is a
+buffer, identical on every rank, saved once. `config.json` beside the shards holds the
+ModelArgs so that a checkpoint can be consolidated without anything else.
+Layout of a checkpoint directory: `.metadata` and `__R_0.distcp` (DCP), `config.json`.
+Not here: asynchronous saving, or what to save when (the training loop decides).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsmoe.config import ModelArgs
+from dsmoe.dist.expert_parallel import ExpertParallelExperts
+from dsmoe.dist.launch import DistContext
+from dsmoe.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+METADATA_FILE = ".metadata"
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / METADATA_FILE).is_file()
+
+
+def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         ctx: DistContext, extra: dict[str, Any] | None = None) -> Path:
+    """Write model (and optimizer) shards of every rank to `path`; collective. `extra` is a
+    JSON-serialisable record (step, tokens seen, ...) returned by `load`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    state = _state(model, optimizer)
+    state["extra"] = json.dumps(extra or {})  # one small replicated record (step, ...)
+    if ctx.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.args), indent=1))
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(path))
+    return path
+
+
+def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+         ctx: DistContext) -> dict[str, Any]:
+    """Load shards into a parallelised model (any world size); returns the saved `extra`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    _check_config(path, model.args)
+    state = _state(model, optimizer)
+    state["extra"] = ""
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # DCP raises CheckpointException with per-rank tracebacks
+        raise CheckpointError(f"{path}: cannot load this checkpoint into the model: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    experts = _expert_meshes(model)
+    set_model_state_dict(model, _unwrap(state["model"], experts))
+    if optimizer is not None:
+        optim = state["optim"]
+        optim["state"] = {fqn: _unwrap(moments, set(moments) if fqn in experts else set())
+                          for fqn, moments in optim["state"].items()}
+        set_optimizer_state_dict(model, optimizer, optim)
+    return json.loads(state["extra"])
+
+
+def consolidate(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """The full single-device model state dict from a DCP checkpoint; needs no process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        raise CheckpointError(f"{path} is not a distributed checkpoint ({METADATA_FILE} missing)")
+    args = _read_config(path)
+    state: dict[str, Any] = {}
+    # What torch's own dcp_to_torch_save does, restricted to the model: the planner
+    # allocates every tensor at its global shape from the metadata and fills it.
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return args, state["model"]
+
+
+def load_model(path: str | Path) -> "torch.nn.Module":
+    """A single-device Transformer holding the weights of a DCP checkpoint."""
+    from dsmoe.model.transformer import Transformer
+
+    args, state = consolidate(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights()  # rebuilds the non-persistent RoPE tables
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match its config.json "
+                              f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    return model
+
+
+# ---------------------------------------------------------------------------- helpers
+def _state(model: nn.Module, optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    experts = _expert_meshes(model)
+    state = {"model": _wrap(get_model_state_dict(model), experts)}
+    if optimizer is not None:
+        optim = get_optimizer_state_dict(model, optimizer)
+        optim["state"] = {fqn: _wrap(moments, {k: experts[fqn] for k in moments} if fqn in experts else {})
+                          for fqn, moments in optim["state"].items()}
+        state["optim"] = optim
+    return state
+
+
+def _expert_meshes(model: nn.Module) -> dict[str, Any]:
+    """Parameter name -> expert mesh, for every expert-parallel weight."""
+    return {f"{name}.{p}": m.mesh for name, m in model.named_modules()
+            if isinstance(m, ExpertParallelExperts) for p, _ in m.named_parameters(recurse=False)}
+
+
+def _wrap(flat: dict[str, Any], meshes: dict[str, Any]) -> dict[str, Any]:
+    """Local expert slices (and their same-shaped optimizer moments) as global DTensors."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    out = {}
+    for key, value in flat.items():
+        mesh = meshes.get(key)
+        if mesh is not None and isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = DTensor.from_local(value, mesh, [Replicate(), Shard(0)], run_check=False)
+        out[key] = value
+    return out
+
+
+def _unwrap(flat: dict[str, Any], meshes: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_wrap`: expert DTensors back to the local slices the model holds."""
+    return {k: v.to_local() if k in meshes and hasattr(v, "to_local") else v for k, v in flat.items()}
+
+
+def _read_config(path: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {CONFIG_FILE} is missing; it is written by "
+                              f"dsmoe.dist.checkpoint.save next to the shards") from None
+
+
+def _check_config(path: Path, args: ModelArgs) -> None:
+    saved = _read_config(path)
+    if saved != args:
+        diff = [f.name for f in dataclasses.fields(ModelArgs) if getattr(saved, f.name) != getattr(args, f.name)]
+        raise CheckpointError(f"{path} was saved from a different model config (fields {diff}); "
+                              f"build the model with the checkpoint's {CONFIG_FILE}")

@@ -1,0 +1,110 @@
+"""Expert parallelism: each rank keeps E/ep routed experts; tokens travel to them and back.
+
+Shape legend (as in `dsmoe/model/moe.py`): T local tokens, D model dim, E routed experts,
+El = E/ep experts held here, K experts per token, N = T*K local token-expert pairs,
+M pairs received from all ranks of the expert-parallel group, P ranks in that group.
+
+Notable:
+- `ExpertParallelExperts` *is* a `RoutedExperts` (same attribute name in the model, same
+  parameter names, so state-dict keys do not change); it only holds its slice of the
+  stacked weights and overrides `forward`. The gate, its bias and the shared experts stay
+  replicated: every rank routes its own tokens over all E experts.
+- Dispatch (GShard/DeepSpeed-MoE style, no capacity, no dropped tokens as DeepSeek-V3):
+  pairs are sorted by expert, which also groups them by destination rank; one small
+  all-to-all exchanges the per-expert counts, then one `all_to_all_single` with variable
+  splits moves the rows. The receiver runs the unchanged single-device expert code
+  (grouped matmul or the loop reference) on what it got, one pair per row, and a second
+  all-to-all brings results back to their tokens, where they are weighted and summed.
+- Autograd flows through both all-to-alls (`_AllToAll`: backward is the reverse exchange),
+  so gate weights and activations get their gradients on the rank that owns the token.
+- Gradient scale: every rank's loss is the mean over its own tokens, and data-parallel
+  gradients are averaged over all W ranks (FSDP does it for the other parameters). An
+  expert's raw gradient here is the sum of the gradients of the losses of every rank that
+  sent it tokens, so a hook divides it by W, and — when experts are replicated over
+  several expert-parallel groups (ep < W) — sums it over those replicas first.
+Not here: token dropping, overlapping communication with compute, hierarchical
+(node-limited) dispatch of DeepSeek-V3 §3.2.2; routing decisions are the model's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsmoe.model.moe import RoutedExperts
+
+
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` with variable splits; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):  # noqa: D102
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _exchange(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class ExpertParallelExperts(RoutedExperts):
+    """The slice [rank*El, (rank+1)*El) of a model's routed experts, plus the exchange."""
+
+    def __init__(self, experts: RoutedExperts, mesh, world_size: int):
+        """`mesh`: a 2-D DeviceMesh ("replica", "ep"); experts are split along "ep" and
+        repeated along "replica"."""
+        nn.Module.__init__(self)  # the parameters are slices of `experts`, not new ones
+        self.mesh = mesh
+        self.group = mesh.get_group("ep")
+        self.ep_size = mesh.size(1)
+        self.ep_rank = mesh.get_local_rank("ep")
+        self.n_experts = experts.n_experts  # the router still picks among all E
+        self.n_local = experts.n_experts // self.ep_size
+        self.impl = experts.impl
+        lo = self.ep_rank * self.n_local
+        for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
+            full = getattr(experts, name)
+            setattr(self, name, nn.Parameter(full.detach()[lo:lo + self.n_local].clone(),
+                                             requires_grad=full.requires_grad))
+        self._replica_group = mesh.get_group("replica") if mesh.size(0) > 1 else None
+        self._grad_scale = 1.0 / world_size
+        for p in self.parameters():
+            p.register_hook(self._reduce_grad)
+
+    @property
+    def first_expert(self) -> int:
+        return self.ep_rank * self.n_local
+
+    def _reduce_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        # Runs before accumulation into .grad, so gradient accumulation stays correct.
+        grad = grad * self._grad_scale
+        if self._replica_group is not None:
+            dist.all_reduce(grad, group=self._replica_group)
+        return grad
+
+    def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
+        P, El = self.ep_size, self.n_local
+        K = ids_TK.shape[1]
+        order_N = ids_TK.flatten().argsort(stable=True)  # by expert, hence by owner rank
+        token_N = order_N // K
+        # counts_PEl[p, e]: pairs that rank p sends to my expert e
+        counts_PEl = _exchange(load_E.to(torch.int64), [El] * P, [El] * P, self.group).view(P, El)
+        send = load_E.view(P, El).sum(1).tolist()
+        recv = counts_PEl.sum(1).tolist()
+        x_MD = _AllToAll.apply(x_TD[token_N], recv, send, self.group)
+        local_ids_M = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(counts_PEl.flatten())
+        ones_M1 = torch.ones(x_MD.shape[0], 1, device=x_TD.device, dtype=weights_TK.dtype)
+        y_MD = super().forward(x_MD, local_ids_M[:, None], ones_M1, counts_PEl.sum(0))
+        y_ND = _AllToAll.apply(y_MD, send, recv, self.group)
+        y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
+        return torch.zeros_like(x_TD, dtype=y_ND.dtype).index_add_(0, token_N, y_ND).type_as(x_TD)
+
+    def extra_repr(self) -> str:
+        return f"experts {self.first_expert}..{self.first_expert + self.n_local - 1} of {self.n_experts}"

@@ -1,0 +1,67 @@
+"""Start N local ranks of tests/dist/dist_worker.py the way torchrun would (RANK,
+WORLD_SIZE, MASTER_ADDR/PORT in the environment), on gloo, and collect their reports."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = WORKER.parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def worker():
+    """The worker module itself, for the single-process reference run."""
+    spec = importlib.util.spec_from_file_location("dsmoe_dist_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    def run(world: int, scenario: str, *extra: str, deadline_s: float = 240.0,
+            wait_for: list[int] | None = None) -> list[dict]:
+        """Reports of every rank; only the ranks in `wait_for` (all by default) are waited
+        for, the others are killed once those are done."""
+        out = tmp_path / f"{scenario}-{world}-{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        port = str(_free_port())
+        procs = []
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                   "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), *extra],
+                                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        waited = range(world) if wait_for is None else wait_for
+        logs = [""] * world
+        try:
+            for rank in waited:
+                logs[rank] = procs[rank].communicate(timeout=deadline_s)[0].decode(errors="replace")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        reports = []
+        for rank in range(world):
+            path = out / f"rank{rank}.json"
+            reports.append(json.loads(path.read_text()) if path.exists() else {"rank": rank, "missing": True})
+        for rep, log in zip(reports, logs):
+            rep["log"] = log[-3000:]
+        return reports
+    return run
