@@ -27,6 +27,8 @@ Not here: token dropping, overlapping communication with compute, hierarchical
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,6 +54,16 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
+
+
+@dataclass
+class _Plan:
+    """Where this rank's pairs went and what it received, for the way back."""
+    order_N: torch.Tensor  # local pairs sorted by expert
+    token_N: torch.Tensor  # the token of each sorted pair
+    counts_PEl: torch.Tensor  # pairs received from rank p for local expert e
+    send: list[int]  # rows sent to each rank
+    recv: list[int]  # rows received from each rank
 
 
 class ExpertParallelExperts(RoutedExperts):
@@ -90,21 +102,32 @@ class ExpertParallelExperts(RoutedExperts):
         return grad
 
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
+        x_MD, plan = self.dispatch(x_TD, ids_TK, load_E)
+        return self.combine(self.compute(x_MD, plan), weights_TK, plan, x_TD)
+
+    def dispatch(self, x_TD, ids_TK, load_E) -> tuple[torch.Tensor, "_Plan"]:
+        """Send every token-expert pair's row to the rank owning the expert."""
         P, El = self.ep_size, self.n_local
         K = ids_TK.shape[1]
         order_N = ids_TK.flatten().argsort(stable=True)  # by expert, hence by owner rank
-        token_N = order_N // K
         # counts_PEl[p, e]: pairs that rank p sends to my expert e
         counts_PEl = _exchange(load_E.to(torch.int64), [El] * P, [El] * P, self.group).view(P, El)
-        send = load_E.view(P, El).sum(1).tolist()
-        recv = counts_PEl.sum(1).tolist()
-        x_MD = _AllToAll.apply(x_TD[token_N], recv, send, self.group)
-        local_ids_M = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(counts_PEl.flatten())
-        ones_M1 = torch.ones(x_MD.shape[0], 1, device=x_TD.device, dtype=weights_TK.dtype)
-        y_MD = super().forward(x_MD, local_ids_M[:, None], ones_M1, counts_PEl.sum(0))
-        y_ND = _AllToAll.apply(y_MD, send, recv, self.group)
-        y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
-        return torch.zeros_like(x_TD, dtype=y_ND.dtype).index_add_(0, token_N, y_ND).type_as(x_TD)
+        plan = _Plan(order_N, order_N // K, counts_PEl, send=load_E.view(P, El).sum(1).tolist(),
+                     recv=counts_PEl.sum(1).tolist())
+        return _AllToAll.apply(x_TD[plan.token_N], plan.recv, plan.send, self.group), plan
+
+    def compute(self, x_MD, plan: "_Plan") -> torch.Tensor:
+        """The unchanged single-device expert code on the received rows, one pair per row."""
+        P, El = self.ep_size, self.n_local
+        local_ids_M = torch.arange(El, device=x_MD.device).repeat(P).repeat_interleave(plan.counts_PEl.flatten())
+        ones_M1 = torch.ones(x_MD.shape[0], 1, device=x_MD.device, dtype=torch.float32)
+        return super().forward(x_MD, local_ids_M[:, None], ones_M1, plan.counts_PEl.sum(0))
+
+    def combine(self, y_MD, weights_TK, plan: "_Plan", x_TD) -> torch.Tensor:
+        """Bring results back to their tokens; weight and sum the K of each token."""
+        y_ND = _AllToAll.apply(y_MD, plan.send, plan.recv, self.group)
+        y_ND = y_ND * weights_TK.flatten()[plan.order_N].unsqueeze(-1).to(y_ND.dtype)
+        return torch.zeros_like(x_TD, dtype=y_ND.dtype).index_add_(0, plan.token_N, y_ND).type_as(x_TD)
 
     def extra_repr(self) -> str:
         return f"experts {self.first_expert}..{self.first_expert + self.n_local - 1} of {self.n_experts}"

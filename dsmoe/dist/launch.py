@@ -81,6 +81,16 @@ def init(device: str | torch.device | None = None, timeout_s: float | None = Non
                           "`torchrun --nproc-per-node N -m dsmoe ...` (RANK/WORLD_SIZE unset)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    return _start(device, rank, world, local_rank, timeout_s, store=None)
+
+
+def init_single(device: str | torch.device | None = None) -> DistContext:
+    """A process group of one, without torchrun: lets a plain process read and continue a
+    sharded checkpoint written by many."""
+    return _start(device, 0, 1, 0, None, store=dist.HashStore())
+
+
+def _start(device, rank: int, world: int, local_rank: int, timeout_s: float | None, store) -> DistContext:
     timeout_s = timeout_from_env() if timeout_s is None else timeout_s
     device = resolve_device(device)
     if device.type == "cuda":
@@ -90,8 +100,9 @@ def init(device: str | torch.device | None = None, timeout_s: float | None = Non
     else:
         backend = "gloo"
     if not dist.is_initialized():
+        extra = {} if store is None else {"store": store, "rank": rank, "world_size": world}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if backend == "nccl" else None, **extra)
     return DistContext(rank, world, local_rank, device, backend, timeout_s)
 
 
