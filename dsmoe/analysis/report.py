@@ -335,8 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domains", nargs="+", metavar="NAME", help="domains to evaluate (default: all)")
     parser.add_argument("--tokens-per-domain", type=int, default=16384,
                         help="validation tokens routed per domain (default 16384)")
-    parser.add_argument("--seq-len", type=int, default=256,
-                        help="tokens per evaluated sequence (default 256, at most max_seq_len)")
+    parser.add_argument("--seq-len", type=int,
+                        help="tokens per evaluated sequence (default: 256 or max_seq_len if smaller)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--context", type=int, help="context for the attention FLOPs (default: max_seq_len)")
     parser.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
@@ -368,27 +368,38 @@ def open_data(data_dir: str | Path, tokenizer, domains: list[str] | None, seq_le
     return shards, chosen
 
 
-def run(args) -> int:
-    from dsmoe.analysis.routing import load_model_and_tokenizer
+def eval_batches(shards, domain: str, batch_size: int, seq_len: int, n_tokens: int) -> Iterable[torch.Tensor]:
+    """The first ceil(n_tokens / seq_len) validation sequences of a domain, in batches.
+    Validation windows hold seq_len + 1 tokens (inputs and targets); the inputs are routed."""
     from dsmoe.data.shards import val_batches
 
+    rows = math.ceil(n_tokens / seq_len)
+    for batch in val_batches(shards, domain, batch_size, seq_len, math.ceil(rows / batch_size)):
+        batch = batch[:rows, :-1]
+        rows -= len(batch)
+        if len(batch):
+            yield batch
+
+
+def run(args) -> int:
+    from dsmoe.analysis.routing import load_model_and_tokenizer
+
     for name in ("tokens_per_domain", "seq_len", "batch_size"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be positive")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
+    args.seq_len = args.seq_len or min(256, model.args.max_seq_len)
     if args.seq_len > model.args.max_seq_len:
         raise DataError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len="
                         f"{model.args.max_seq_len}; give --seq-len {model.args.max_seq_len} or less")
     shards, domains = open_data(args.data, tokenizer, args.domains, args.seq_len)
     cost = cost_report(model.args, args.context or model.args.max_seq_len, utilisation=args.utilisation)
-    max_batches = math.ceil(args.tokens_per_domain / (args.seq_len * args.batch_size))
-    # val windows hold seq_len + 1 tokens (inputs and targets); route the inputs.
-    batches = {d: (b[:, :-1] for b in val_batches(shards, d, args.batch_size, args.seq_len, max_batches))
+    batches = {d: eval_batches(shards, d, args.batch_size, args.seq_len, args.tokens_per_domain)
                for d in domains}
     stats = collect_routing(model, batches, seed=args.seed)
     notes = [f"model: `{args.model}`", f"data: `{args.data}` (validation split, tokenizer sha256 "
              f"{tokenizer.sha256()[:12]}...)", f"{args.seq_len}-token sequences from the start of each domain's validation split, "
-             f"about {args.tokens_per_domain:,} tokens per domain (--tokens-per-domain)"]
+             f"up to {args.tokens_per_domain:,} tokens per domain, rounded up to whole sequences"]
     path = write_report(args.out, stats, cost, title=f"MoE report: {Path(args.model).name}", notes=notes)
     print(f"wrote {path}")
     return 0

@@ -157,14 +157,13 @@ def _read_prompt(args) -> str:
 
 def load_model_and_tokenizer(model_dir: str, device: str = "auto"):
     """A model directory's model (eval mode, on `device`) and its tokenizer, which must exist."""
-    from dsmoe.device import resolve_device
     from dsmoe.interop.hf import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir)
+    model, tokenizer = load_model_dir(model_dir, device=device)
     if tokenizer is None:
         raise DataError(f"{model_dir} has no tokenizer.json: copy the tokenizer the model was "
                         "trained with (tokenizer.json, tokenizer_config.json) into it")
-    return model.to(resolve_device(device)).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def run(args) -> int:
