@@ -1,0 +1,89 @@
+"""Loading holds a checkpoint once: in a fresh process, peak resident memory (VmHWM) minus
+the memory before loading minus the loaded model stays under 1.3x the checkpoint's size.
+
+Also a program, run from the repository root: `PYTHONPATH=. .venv/bin/python
+tests/interop/test_hf_load_memory.py` writes a ~1 GB checkpoint and prints the figures.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsmoe import ModelArgs, Transformer, save_hf
+from dsmoe.interop.hf import open_checkpoint
+
+BOUND = 1.3
+CHILD = r"""
+import json, sys
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+from dsmoe.interop import hf
+import safetensors.torch, tqdm  # imported before measuring: they are not the checkpoint
+before = status("VmRSS:")
+model = hf.load_hf(sys.argv[1], dtype=sys.argv[2])
+tensors = list(model.state_dict().values()) + [model.rope_cos, model.rope_sin]
+print(json.dumps({"before": before, "peak": status("VmHWM:"),
+                  "model": sum(t.numel() * t.element_size() for t in tensors)}))
+"""
+
+
+def model_args(experts: int, vocab: int = 32000) -> ModelArgs:
+    """~6.3M parameters per routed expert (8 MoE layers, MTP included), ~0.13M per 32 words
+    of vocabulary (stored 4 times: embedding, head and their MTP copies), ~18M for the rest."""
+    return ModelArgs(vocab_size=vocab, dim=1024, n_layers=8, n_dense_layers=1, inter_dim=2048, n_heads=8,
+                     max_seq_len=4096, moe_inter_dim=256, n_routed_experts=experts, n_shared_experts=1,
+                     n_activated_experts=min(4, experts), n_expert_groups=4 if experts >= 16 else 1,
+                     n_limited_groups=2 if experts >= 16 else 1, route_scale=2.5,
+                     q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                     v_head_dim=64, n_mtp_layers=1)
+
+
+def measure(path: Path, dtype: str = "fp32") -> dict:
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's dsmoe, whatever the cwd
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["checkpoint"] = open_checkpoint(path).total_bytes()
+    result["extra"] = result["peak"] - result["before"] - result["model"]
+    result["ratio"] = result["extra"] / result["checkpoint"]
+    return result
+
+
+def write(path: Path, args: ModelArgs, shard_size: str, dtype: str) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        save_hf(Transformer(args), path, shard_size=shard_size, dtype=dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*announces")
+def test_load_needs_at_most_1_3x_the_checkpoint_on_top_of_the_model(tmp_path):
+    write(tmp_path, model_args(experts=2, vocab=4000), shard_size="50MB", dtype="fp32")  # ~190 MB
+    result = measure(tmp_path)
+    assert result["checkpoint"] > 150e6
+    assert result["extra"] <= BOUND * result["checkpoint"], result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=16, help="16: ~1.0 GB in fp32")
+    parser.add_argument("--shard-size", default="5GB")
+    parser.add_argument("--dtype", default="fp32")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp), model_args(opts.experts), opts.shard_size, opts.dtype)
+        r = measure(Path(tmp), opts.dtype)
+    mb = {k: round(v / 2**20) for k, v in r.items() if k != "ratio"}
+    print(f"checkpoint {mb['checkpoint']} MiB ({opts.shard_size} shards), model {mb['model']} MiB, "
+          f"RSS before {mb['before']} MiB, peak {mb['peak']} MiB: extra {mb['extra']} MiB = "
+          f"{r['ratio']:.2f}x the checkpoint (bound {BOUND}x)")
