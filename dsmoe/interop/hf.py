@@ -380,9 +380,10 @@ def from_hf(hf_name: str, args: ModelArgs) -> Slot | None:
 def _permute_rope_rows(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
     """rotate_half layout (pairs i, i+R/2) -> interleaved pairs (2i, 2i+1), in place, on the
     rows of q and k that carry RoPE."""
-    R, half = args.qk_rope_head_dim, args.qk_rope_head_dim // 2
+    half = args.qk_rope_head_dim // 2
     perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
     for name, w in state.items():
+        perm = perm.to(w.device)
         if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
             rope_rows = w.view(args.n_heads, args.qk_head_dim, -1)[:, args.qk_nope_head_dim:]
             rope_rows.copy_(rope_rows[:, perm])
@@ -706,8 +707,11 @@ def write_shards(entries: Iterable[ShardEntry], path: Path, shard_size: int | st
             bar.update()
             weight_map[entry.name] = name
         tmp = path / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / name)
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, path / name)
+        finally:
+            tmp.unlink(missing_ok=True)
         del tensors
     bar.close()
     if n > 1:
