@@ -5,11 +5,11 @@ shapes, so a checkpoint written by W ranks loads on any other world size (4 -> 2
 tested) and, without any process group, into one full state dict (`consolidate`) that
 the single-process model, its checkpoints and the Hugging Face exporter take as is.
 
-Notable: FSDP2 parameters are already DTensors. Expert-parallel weights are plain local
-slices (E/ep experts), so they — and their optimizer moments — are presented to DCP as
-DTensors sharded along the expert axis of the expert mesh and repeated over its replicas;
-their keys are the single-device ones (`layers.N.ffn.experts.w1_EFD`). The gate bias is a
-buffer, identical on every rank, saved once. `config.json` beside the shards holds the
+Notable: every parameter is a DTensor — FSDP2's sharded over all ranks, the experts'
+sharded along the expert-parallel mesh — so DCP knows each shard's place in the global
+tensor, for the weights and the optimizer moments alike, under the single-device keys
+(`layers.N.ffn.experts.w1_EFD`). The gate bias is a buffer, identical on every rank,
+saved once. `config.json` beside the shards holds the
 ModelArgs so that a checkpoint can be consolidated without anything else.
 Layout of a checkpoint directory: `.metadata` and `__R_0.distcp` (DCP), `config.json`.
 Not here: asynchronous saving, or what to save when (the training loop decides).
@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelArgs
-from dsmoe.dist.expert_parallel import ExpertParallelExperts
 from dsmoe.dist.launch import DistContext
 from dsmoe.errors import CheckpointError
 
@@ -70,13 +69,9 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     except Exception as err:  # DCP raises CheckpointException with per-rank tracebacks
         raise CheckpointError(f"{path}: cannot load this checkpoint into the model: "
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    experts = _expert_meshes(model)
-    set_model_state_dict(model, _unwrap(state["model"], experts))
+    set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        optim = state["optim"]
-        optim["state"] = {fqn: _unwrap(moments, set(moments) if fqn in experts else set())
-                          for fqn, moments in optim["state"].items()}
-        set_optimizer_state_dict(model, optimizer, optim)
+        set_optimizer_state_dict(model, optimizer, state["optim"])
     return json.loads(state["extra"])
 
 
@@ -118,38 +113,10 @@ def load_model(path: str | Path) -> "torch.nn.Module":
 def _state(model: nn.Module, optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    experts = _expert_meshes(model)
-    state = {"model": _wrap(get_model_state_dict(model), experts)}
+    state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        optim = get_optimizer_state_dict(model, optimizer)
-        optim["state"] = {fqn: _wrap(moments, {k: experts[fqn] for k in moments} if fqn in experts else {})
-                          for fqn, moments in optim["state"].items()}
-        state["optim"] = optim
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
     return state
-
-
-def _expert_meshes(model: nn.Module) -> dict[str, Any]:
-    """Parameter name -> expert mesh, for every expert-parallel weight."""
-    return {f"{name}.{p}": m.mesh for name, m in model.named_modules()
-            if isinstance(m, ExpertParallelExperts) for p, _ in m.named_parameters(recurse=False)}
-
-
-def _wrap(flat: dict[str, Any], meshes: dict[str, Any]) -> dict[str, Any]:
-    """Local expert slices (and their same-shaped optimizer moments) as global DTensors."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    out = {}
-    for key, value in flat.items():
-        mesh = meshes.get(key)
-        if mesh is not None and isinstance(value, torch.Tensor) and value.dim() > 0:
-            value = DTensor.from_local(value, mesh, [Replicate(), Shard(0)], run_check=False)
-        out[key] = value
-    return out
-
-
-def _unwrap(flat: dict[str, Any], meshes: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `_wrap`: expert DTensors back to the local slices the model holds."""
-    return {k: v.to_local() if k in meshes and hasattr(v, "to_local") else v for k, v in flat.items()}
 
 
 def _read_config(path: Path) -> ModelArgs:

@@ -6,9 +6,11 @@ M pairs received from all ranks of the expert-parallel group, P ranks in that gr
 
 Notable:
 - `ExpertParallelExperts` *is* a `RoutedExperts` (same attribute name in the model, same
-  parameter names, so state-dict keys do not change); it only holds its slice of the
-  stacked weights and overrides `forward`. The gate, its bias and the shared experts stay
-  replicated: every rank routes its own tokens over all E experts.
+  parameter names, so state-dict keys do not change). Its weights are DTensors of the
+  global (E, F, D) shape sharded along the experts, so optimizers, `torch.distributed.
+  checkpoint` and state dicts treat them like FSDP's; the forward runs the single-device
+  `RoutedExperts` code on the local (E/ep, F, D) slice. The gate, its bias and the shared
+  experts stay replicated: every rank routes its own tokens over all E experts.
 - Dispatch (GShard/DeepSpeed-MoE style, no capacity, no dropped tokens as DeepSeek-V3):
   pairs are sorted by expert, which also groups them by destination rank; one small
   all-to-all exchanges the per-expert counts, then one `all_to_all_single` with variable
@@ -34,6 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dsmoe.model.moe import RoutedExperts
+
+
+WEIGHTS = ("w1_EFD", "w3_EFD", "w2_EDF")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -71,8 +76,11 @@ class ExpertParallelExperts(RoutedExperts):
 
     def __init__(self, experts: RoutedExperts, mesh, world_size: int):
         """`mesh`: a 2-D DeviceMesh ("replica", "ep"); experts are split along "ep" and
-        repeated along "replica"."""
-        nn.Module.__init__(self)  # the parameters are slices of `experts`, not new ones
+        repeated along "replica". `experts` is consumed: its weights move to the meta device
+        and it stays only as the code that runs on the local slice."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        nn.Module.__init__(self)
         self.mesh = mesh
         self.group = mesh.get_group("ep")
         self.ep_size = mesh.size(1)
@@ -81,10 +89,16 @@ class ExpertParallelExperts(RoutedExperts):
         self.n_local = experts.n_experts // self.ep_size
         self.impl = experts.impl
         lo = self.ep_rank * self.n_local
-        for name in ("w1_EFD", "w3_EFD", "w2_EDF"):
+        # Global DTensors (Shard(0) over "ep"): the optimizer, the checkpoint and the state
+        # dict see (E, F, D) weights, as on one device; the forward uses the local slice.
+        for name in WEIGHTS:
             full = getattr(experts, name)
-            setattr(self, name, nn.Parameter(full.detach()[lo:lo + self.n_local].clone(),
-                                             requires_grad=full.requires_grad))
+            local = full.detach()[lo:lo + self.n_local].clone()
+            setattr(self, name, nn.Parameter(
+                DTensor.from_local(local, mesh, [Replicate(), Shard(0)], run_check=False),
+                requires_grad=full.requires_grad))
+        experts.to("meta").n_experts = self.n_local
+        self.__dict__["_local_code"] = experts  # not a submodule: no parameters of its own
         self._replica_group = mesh.get_group("replica") if mesh.size(0) > 1 else None
         self._grad_scale = 1.0 / world_size
         for p in self.parameters():
@@ -94,12 +108,15 @@ class ExpertParallelExperts(RoutedExperts):
     def first_expert(self) -> int:
         return self.ep_rank * self.n_local
 
-    def _reduce_grad(self, grad: torch.Tensor) -> torch.Tensor:
+    def _reduce_grad(self, grad):
         # Runs before accumulation into .grad, so gradient accumulation stays correct.
-        grad = grad * self._grad_scale
+        from torch.distributed.tensor import DTensor
+
+        local = grad.to_local() * self._grad_scale
         if self._replica_group is not None:
-            dist.all_reduce(grad, group=self._replica_group)
-        return grad
+            dist.all_reduce(local, group=self._replica_group)
+        return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
+                                  shape=grad.shape, stride=grad.stride())
 
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
         x_MD, plan = self.dispatch(x_TD, ids_TK, load_E)
@@ -121,7 +138,11 @@ class ExpertParallelExperts(RoutedExperts):
         P, El = self.ep_size, self.n_local
         local_ids_M = torch.arange(El, device=x_MD.device).repeat(P).repeat_interleave(plan.counts_PEl.flatten())
         ones_M1 = torch.ones(x_MD.shape[0], 1, device=x_MD.device, dtype=torch.float32)
-        return super().forward(x_MD, local_ids_M[:, None], ones_M1, plan.counts_PEl.sum(0))
+        code = self._local_code
+        code.impl = self.impl  # set_expert_impl() reaches this module, not the template
+        weights = {name: getattr(self, name).to_local() for name in WEIGHTS}
+        return torch.func.functional_call(code, weights, (x_MD, local_ids_M[:, None], ones_M1,
+                                                          plan.counts_PEl.sum(0)))
 
     def combine(self, y_MD, weights_TK, plan: "_Plan", x_TD) -> torch.Tensor:
         """Bring results back to their tokens; weight and sum the K of each token."""

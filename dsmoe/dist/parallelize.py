@@ -57,46 +57,56 @@ def parallelize(model: Transformer, layout: ParallelLayout, ctx: DistContext) ->
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    layout = layout.resolve(ctx.world_size, model.args.n_routed_experts)
+    # Compare first: a rank with another config must not fail alone and leave the rest waiting.
     agree(ctx, "model config", dataclasses.asdict(model.args))
     agree(ctx, "parallel layout", dataclasses.asdict(layout))
+    layout = layout.resolve(ctx.world_size, model.args.n_routed_experts)
     model.to(ctx.device)
     ep, replicas = layout.ep, ctx.world_size // layout.ep
     mesh = init_device_mesh(ctx.device.type, (replicas, ep), mesh_dim_names=("replica", "ep"))
     for moe in model.moe_layers():
         moe.experts = ExpertParallelExperts(moe.experts, mesh, ctx.world_size)
-    ignored = set(expert_parameters(model))
+    ignored = {p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
     for block in [*model.layers, *(m.block for m in model.mtp)]:
         fully_shard(block, reshard_after_forward=layout.reshard_after_forward, ignored_params=ignored)
     fully_shard(model, reshard_after_forward=layout.reshard_after_forward, ignored_params=ignored)
     register_fsdp_forward_method(model, "run")  # training calls run(), not forward()
-    model.parallel_layout = layout  # read by dsmoe.dist.checkpoint; the model code never looks
     return model
-
-
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()]
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
     """Clip by the norm of the *whole* model's gradient, as on one device.
 
-    FSDP-sharded gradients are disjoint across all W ranks; expert gradients are disjoint
-    across an expert group and repeated W/ep times over the replicas. One all-reduce of the
-    two partial sums of squares gives the global norm on every rank."""
-    experts = {id(p) for p in expert_parameters(model)}
-    sq = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    Every gradient is a DTensor on a mesh spanning all W ranks (FSDP's, or the experts'):
+    summed over ranks, its local squares count each element once per replica (the product
+    of the mesh sizes it is replicated over). Weighting by 1/replicas locally makes one
+    all-reduce of one scalar give the global norm on every rank. (torch's own
+    clip_grad_norm_ refuses DTensors that live on different meshes.)"""
+    sq = torch.zeros((), dtype=torch.float64, device=ctx.device)
     grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        sq[int(id(p) in experts)] += g.double().pow(2).sum()
+        g, replicas = _local_and_replicas(p.grad, ctx.world_size)
+        sq += g.double().pow(2).sum() / replicas
         grads.append(g)
-    ctx.all_reduce_sum(sq)
-    ep = getattr(getattr(model, "parallel_layout", None), "ep", ctx.world_size)
-    total = (sq[0] + sq[1] * ep / ctx.world_size).sqrt()
+    total = ctx.all_reduce_sum(sq).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
-        g.mul_(coef.to(g.dtype))
+        g.mul_(coef.to(g.dtype))  # the local view shares the gradient's storage
     return total.float()
+
+
+def _local_and_replicas(t: torch.Tensor, world_size: int) -> tuple[torch.Tensor, int]:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t, world_size  # a plain tensor is the same on every rank
+    mesh = t.device_mesh
+    if mesh.size() != world_size:
+        raise ValueError(f"gradient on a mesh of {mesh.size()} ranks, not all {world_size}")
+    replicas = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            replicas *= mesh.size(dim)
+    return t.to_local(), replicas

@@ -1,0 +1,170 @@
+"""What the training loop asks of the process group, in one object: `DistTraining`.
+
+`dsmoe train` started by torchrun gets one (`DistTraining.from_env`); a plain run gets
+None and never touches torch.distributed. The loop then asks it to shard the model, cut
+its rows out of the global batch, sum the expert loads, clip by the global gradient norm,
+average logged scalars, and save or load sharded checkpoints.
+
+Notable:
+- Same global batch as one process: every rank draws the *same* global batch from the
+  stream (a pure function of seed and step) and keeps rows [r·B/W, (r+1)·B/W). Each
+  rank's loss is the mean over its rows and gradients are averaged over ranks, so with
+  equal rows per rank the update is the single-process one (the tests check 1e-5).
+  Reading B rows to keep B/W costs nothing next to a training step.
+- Checkpoints keep the training layout of `dsmoe/train/checkpoint.py`
+  (`checkpoints/step-000100/` with `meta.json`, the last `keep_last` kept), but the folder
+  holds DCP shards (`dsmoe/dist/checkpoint.py`) instead of `state.pt`; `meta.json` is
+  written last, by rank 0, after every rank has finished, so a folder without it is
+  incomplete and ignored. `extra` carries the step and the data position (identical on
+  every rank); the RNG states are not saved (training draws no random numbers after
+  initialisation).
+- Differences between ranks in the model or training config are refused before work.
+Not here: the loop itself (`dsmoe/train/pretrain.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsmoe.dist import checkpoint as dcp_ckpt
+from dsmoe.dist.launch import DistContext, agree, in_torchrun, init, init_single, shutdown
+from dsmoe.dist.parallelize import ParallelLayout, clip_grad_norm_, parallelize
+from dsmoe.errors import CheckpointError, ConfigError
+
+DCP_LAYOUT = "dcp"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The parallel layout: the only thing a distributed run adds to a config."""
+    group = parser.add_argument_group("distributed (under torchrun)")
+    group.add_argument("--ep", type=int, default=0,
+                       help="expert-parallel degree (divides the world size and the number of "
+                            "routed experts); default: all ranks")
+    group.add_argument("--dist-timeout", type=float, default=None,
+                       help="seconds a collective may wait for a silent rank before failing "
+                            "(default 600, or DSMOE_DIST_TIMEOUT)")
+
+
+@dataclass
+class DistTraining:
+    ctx: DistContext
+    layout: ParallelLayout
+
+    @classmethod
+    def from_env(cls, device: str | torch.device | None, ep: int = 0,
+                 timeout_s: float | None = None) -> "DistTraining | None":
+        """A session when started by torchrun, else None (nothing is initialised)."""
+        if not in_torchrun():
+            if ep:
+                raise ConfigError(f"--ep {ep} needs a distributed run: start with "
+                                  f"`torchrun --nproc-per-node N -m dsmoe train ...`")
+            return None
+        return cls(init(device, timeout_s), ParallelLayout(ep=ep))
+
+    @classmethod
+    def single(cls, device: str | torch.device | None) -> "DistTraining":
+        """One rank without torchrun: continues a run whose checkpoints are sharded."""
+        return cls(init_single(device), ParallelLayout())
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.is_main
+
+    def check(self, run_record: dict[str, Any], batch_size: int) -> None:
+        """Before any work: the batch splits evenly and every rank runs the same thing."""
+        if batch_size % self.ctx.world_size:
+            raise ConfigError(f"TrainConfig.batch_size={batch_size} is the global batch and must "
+                              f"be divisible by the {self.ctx.world_size} ranks; choose a multiple "
+                              f"of {self.ctx.world_size}")
+        agree(self.ctx, "run config (model, training settings, data)", run_record)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return parallelize(model, self.layout, self.ctx)
+
+    def local(self, batch_BW: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the global batch."""
+        n = batch_BW.shape[0] // self.ctx.world_size
+        return batch_BW[self.ctx.rank * n:(self.ctx.rank + 1) * n]
+
+    def reduce_loads(self, loads_LE: torch.Tensor) -> torch.Tensor:
+        """Per-expert token counts summed over ranks: the bias update sees the global batch."""
+        return self.ctx.all_reduce_sum(loads_LE.clone())
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(model, max_norm, self.ctx)
+
+    def average(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-rank scalars (losses of its rows) averaged over ranks, in one all-reduce."""
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.ctx.device)
+        self.ctx.all_reduce_sum(t)
+        return dict(zip(values, (t / self.ctx.world_size).tolist()))
+
+    def full_model(self, checkpoint: str | Path) -> nn.Module | None:
+        """On rank 0, the single-device model consolidated from a sharded checkpoint (for
+        the Hugging Face export); None on the other ranks."""
+        return dcp_ckpt.load_model(checkpoint) if self.is_main else None
+
+    # ------------------------------------------------------------- checkpoints
+    def save(self, root: str | Path, step: int, model: nn.Module, optimizer, extra: dict[str, Any],
+             meta: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
+        from dsmoe.train import checkpoint as train_ckpt
+
+        root = Path(root)
+        final = train_ckpt.checkpoint_dir(root, step)
+        tmp = root / f".tmp-step-{step:06d}-dcp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp_ckpt.save(tmp, model, optimizer, self.ctx, {**extra, "step": step})
+        dist.barrier()  # every rank's shards are on disk
+        if self.is_main:
+            record = {"format": train_ckpt.FORMAT, "version": train_ckpt.VERSION, "step": step,
+                      "layout": DCP_LAYOUT, "world_size": self.ctx.world_size,
+                      "ep": self.layout.resolve(self.ctx.world_size, model.args.n_routed_experts).ep,
+                      **(meta or {})}
+            (tmp / train_ckpt.META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for _, old in train_ckpt.list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def load(self, path: str | Path, model: nn.Module, optimizer) -> dict[str, Any]:
+        path = Path(path)
+        if not dcp_ckpt.is_dcp_checkpoint(path):
+            raise CheckpointError(f"{path} was written by a single-process run; resume it "
+                                  f"without torchrun (a distributed run resumes only from the "
+                                  f"sharded checkpoints a distributed run writes)")
+        return dcp_ckpt.load(path, model, optimizer, self.ctx)
+
+    def close(self) -> None:
+        shutdown()
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    return dcp_ckpt.is_dcp_checkpoint(path)
+
+
+class NullLog:
+    """What ranks other than 0 log: nothing (rank 0 logs the averaged metrics)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
