@@ -141,16 +141,7 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object of ModelArgs fields")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_json_object(path, "ModelArgs fields"), source=str(path))
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelArgs":
@@ -168,6 +159,20 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+def read_json_object(path: str | Path, holds: str) -> dict[str, Any]:
+    """A config file's JSON object, or a ConfigError naming the file and the problem."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of {holds}")
+    return values
 
 
 def available_presets() -> list[str]:
