@@ -152,6 +152,12 @@ class DistTraining:
     def close(self) -> None:
         shutdown()
 
+    def __enter__(self) -> "DistTraining":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
     return dcp_ckpt.is_dcp_checkpoint(path)

@@ -31,32 +31,39 @@ def worker():
     return module
 
 
+def _launch(world: int, argv: list[str], deadline_s: float, wait_for) -> tuple[list, list[str]]:
+    """Start `world` ranks of `python argv...` the way torchrun would; their exit codes
+    and outputs."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    waited = range(world) if wait_for is None else wait_for
+    logs = [""] * world
+    try:
+        for rank in waited:
+            logs[rank] = procs[rank].communicate(timeout=deadline_s)[0].decode(errors="replace")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return [proc.returncode for proc in procs], logs
+
+
 @pytest.fixture
 def spawn(tmp_path):
     def run(world: int, scenario: str, *extra: str, deadline_s: float = 240.0,
             wait_for: list[int] | None = None) -> list[dict]:
-        """Reports of every rank; only the ranks in `wait_for` (all by default) are waited
-        for, the others are killed once those are done."""
+        """Reports of every rank of dist_worker.py; only the ranks in `wait_for` (all by
+        default) are waited for, the others are killed once those are done."""
         out = tmp_path / f"{scenario}-{world}-{len(list(tmp_path.iterdir()))}"
         out.mkdir()
-        port = str(_free_port())
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                   "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), *extra],
-                                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        waited = range(world) if wait_for is None else wait_for
-        logs = [""] * world
-        try:
-            for rank in waited:
-                logs[rank] = procs[rank].communicate(timeout=deadline_s)[0].decode(errors="replace")
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.communicate()
+        _, logs = _launch(world, [str(WORKER), scenario, str(out), *extra], deadline_s, wait_for)
         reports = []
         for rank in range(world):
             path = out / f"rank{rank}.json"
@@ -64,4 +71,14 @@ def spawn(tmp_path):
         for rep, log in zip(reports, logs):
             rep["log"] = log[-3000:]
         return reports
+    return run
+
+
+@pytest.fixture
+def spawn_cli():
+    def run(world: int, argv: list[str], deadline_s: float = 300.0) -> list[str]:
+        """`python -m dsmoe ARGV` on `world` ranks; fails unless every rank exits with 0."""
+        codes, logs = _launch(world, ["-m", "dsmoe", *argv], deadline_s, None)
+        assert codes == [0] * world, "\n".join(log[-3000:] for log in logs)
+        return logs
     return run
