@@ -25,6 +25,8 @@ Not here: expert capacity or token dropping (DeepSeek-V3 drops none), device-lev
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dsmoe.model.moe import MoE, RoutingInfo
@@ -67,8 +69,12 @@ class Balancer:
     """Balancing state of one training run: per-step loads, bias updates, losses, MaxVio."""
 
     def __init__(self, moe_layers: list[MoE], mode: str = "bias", gamma: float = 0.001,
-                 alpha: float = 0.0001, aux_alpha: float = 0.01):
-        self.layers, self.mode = moe_layers, mode
+                 alpha: float = 0.0001, aux_alpha: float = 0.01,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """reduce: applied to a step's (layers, experts) loads before they are used; data-
+        parallel training sums them over ranks so that every rank sees the global batch's
+        loads and applies the same bias update."""
+        self.layers, self.mode, self.reduce = moe_layers, mode, reduce
         self.gamma, self.alpha, self.aux_alpha = gamma, alpha, aux_alpha
         self.loads_LE: torch.Tensor | None = None
 
@@ -91,6 +97,8 @@ class Balancer:
         loads, self.loads_LE = self.loads_LE, None
         if loads is None:
             return []
+        if self.reduce is not None:
+            loads = self.reduce(loads)
         if self.mode == "bias":
             for layer, load_E in zip(self.layers, loads):
                 update_bias(layer.gate.bias, load_E, self.gamma)
