@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe import ModelArgs, Transformer
+from dsmoe.train.balance import Balancer
+from dsmoe.train.config import TrainConfig
+from dsmoe.train.optim import build_optimizer
 
 GLOBAL_BATCH, SEQ, STEPS, LR = 4, 16, 4, 1e-2
 
@@ -34,25 +37,27 @@ def build(args: ModelArgs) -> Transformer:
     return Transformer(args)
 
 
-def step(model, optimizer, tokens, reduce=None, clip=None) -> float:
-    """Next-token CE plus MTP CE, one AdamW step, then the aux-free bias update on loads
-    summed over ranks (`reduce`)."""
+def step(model, optimizer, balancer, tokens, clip=None) -> float:
+    """Next-token CE plus MTP CE plus the sequence-wise balance loss, one AdamW step, then
+    the aux-free bias update (on loads summed over ranks when the balancer reduces)."""
     out = model.run(tokens, mtp=True)
     V = out.logits.shape[-1]
     loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
     for k, logits in enumerate(out.mtp_logits, start=1):
         loss = loss + 0.3 * F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, k + 1:].reshape(-1))
+    loss = loss + balancer.loss(out.routing + out.mtp_routing, tokens.shape[0])
     loss.backward()
     clip() if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loads = torch.stack([r.load_E for r in out.routing + out.mtp_routing])
-    if reduce is not None:
-        loads = reduce(loads)
-    with torch.no_grad():
-        for moe, load in zip(model.moe_layers(), loads.float()):
-            moe.gate.bias += 1e-3 * torch.sign(load.mean() - load)
+    balancer.step()
     return loss.item()
+
+
+def optimizer_and_balancer(model, reduce=None):
+    cfg = TrainConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=0.1)
+    return build_optimizer(model, cfg), Balancer(model.moe_layers(), "bias", gamma=1e-3, alpha=1e-4,
+                                                  reduce=reduce)
 
 
 def probe(args: ModelArgs) -> torch.Tensor:
@@ -65,8 +70,8 @@ def biases(model) -> list[list[float]]:
 
 def reference(args: ModelArgs, steps: int = STEPS) -> tuple[list[float], Transformer]:
     model = build(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    return [step(model, opt, t) for t in batches(args)[:steps]], model
+    opt, balancer = optimizer_and_balancer(model)
+    return [step(model, opt, balancer, t) for t in batches(args)[:steps]], model
 
 
 def main() -> None:
@@ -99,7 +104,7 @@ def main() -> None:
             finally:
                 report["waited_s"] = time.monotonic() - t0
         model = parallelize(build(args), ParallelLayout(ep=a.ep), ctx)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        opt, balancer = optimizer_and_balancer(model, ctx.all_reduce_sum)
         W, r = ctx.world_size, ctx.rank
         first = 0
         if a.scenario == "resume":
@@ -107,7 +112,7 @@ def main() -> None:
         losses = []
         for i, tokens in enumerate(batches(args)[first:], start=first):
             local = tokens[r * GLOBAL_BATCH // W:(r + 1) * GLOBAL_BATCH // W]
-            loss = step(model, opt, local, ctx.all_reduce_sum, lambda: clip_grad_norm_(model, 1.0, ctx))
+            loss = step(model, opt, balancer, local, lambda: clip_grad_norm_(model, 1.0, ctx))
             losses.append(ctx.mean(loss))
             if a.save_at and i + 1 == a.save_at:
                 checkpoint.save(a.ckpt, model, opt, ctx, {"step": i + 1})
