@@ -1,0 +1,94 @@
+"""Self-speculative decoding with the MTP module: greedy output identical to plain greedy,
+the acceptance rule samples from the target distribution, the MTP cache stays consistent."""
+import pytest
+import torch
+
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.speculative import accept
+
+
+def prompts_of(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("mix", [1.0, 0.3, 10.0])  # about 40%, 85% and 0% of drafts accepted
+def test_greedy_speculative_equals_plain_greedy(tiny_args, agreeing_model, mix):
+    model = agreeing_model(tiny_args, mix)
+    prompts = prompts_of([4, 19, 9, 33, 12], tiny_args.vocab_size)
+    params = [SamplingParams(max_tokens=n) for n in (20, 25, 7, 30, 1)]
+    plain = Engine(model, max_batch=3).generate(prompts, params)
+    engine = Engine(model, max_batch=3, speculative=True, prefill_chunk=8)
+    spec = engine.generate(prompts, params)
+    for a, b in zip(plain, spec):
+        assert b.output_ids == a.output_ids and b.finish_reason == a.finish_reason
+    if mix < 10:
+        assert engine.stats.accepted > 0 and engine.stats.accepted < engine.stats.drafted
+    assert engine.cache.n_used == engine.draft_cache.n_used == 0
+
+
+def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
+    """Mid-generation, the next draft's distribution equals the MTP head of a fresh full forward
+    over the sequence so far: rejected drafts left nothing behind in either cache."""
+    model = build(tiny_args)  # random: its MTP block's attention weighs as much as its input
+    engine = Engine(model, speculative=True, prefill_chunk=8)
+    prompts = prompts_of([13, 6], tiny_args.vocab_size, seed=3)
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=40, temperature=1.0, seed=i))
+            for i, p in enumerate(prompts)]
+    for _ in range(8):
+        engine.step()
+    assert 0 < engine.stats.accepted < engine.stats.drafted
+    for r in reqs:
+        seq = torch.tensor([r.prompt_ids + r.output_ids])
+        with torch.no_grad():
+            out = model.run(seq, mtp=True)
+        # the draft is made at the last position fed to the model, with the pending token
+        expected = out.mtp_logits[0][0, -1].log_softmax(-1)
+        torch.testing.assert_close(r._draft[1].log(), expected, atol=3e-5, rtol=1e-5)
+        row = engine.running.index(r)
+        assert engine.cache.lengths[row] == engine.draft_cache.lengths[row] == seq.shape[1] - 1
+
+
+@pytest.mark.parametrize("n_drafts", [1, 3])
+def test_acceptance_rule_samples_the_target_distribution(n_drafts):
+    """Whatever the draft distribution, the first token emitted is distributed as p, and
+    the first draft is accepted with probability sum(min(p, q))."""
+    g = torch.Generator().manual_seed(0)
+    V, N = 6, 200_000
+    p = torch.rand(n_drafts + 1, V, generator=g) ** 3
+    p /= p.sum(-1, keepdim=True)
+    q = torch.rand(n_drafts, V, generator=g) ** 3
+    q /= q.sum(-1, keepdim=True)
+    drafts = torch.multinomial(q, N, replacement=True, generator=g).T  # (N, D)
+    n_acc, nxt = accept(p.expand(N, -1, -1), q.expand(N, -1, -1), drafts, g)
+    first = torch.where(n_acc > 0, drafts[:, 0], nxt)
+    freq = torch.bincount(first, minlength=V).float() / N
+    torch.testing.assert_close(freq, p[0], atol=4e-3, rtol=0)
+    accepted = (n_acc > 0).float().mean()
+    assert abs(float(accepted) - float(torch.minimum(p[0], q[0]).sum())) < 4e-3
+    if n_drafts > 1:  # the second token too, given the first draft was accepted
+        kept = n_acc > 0
+        second = torch.where(n_acc[kept] > 1, drafts[kept, 1], nxt[kept])
+        freq2 = torch.bincount(second, minlength=V).float() / int(kept.sum())
+        torch.testing.assert_close(freq2, p[1], atol=6e-3, rtol=0)
+
+
+def test_greedy_acceptance_is_argmax_match():
+    p = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]] * 2)
+    q = torch.tensor([[[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]])
+    n_acc, nxt = accept(p, q, torch.tensor([[1], [2]]), greedy=True)
+    assert n_acc.tolist() == [1, 0] and nxt.tolist() == [0, 1]  # bonus token; corrected token
+
+
+def test_sampled_speculative_reports_acceptance(tiny_args, agreeing_model):
+    model = agreeing_model(tiny_args, 0.3)
+    engine = Engine(model, speculative=True)
+    reqs = engine.generate(prompts_of([5, 9], tiny_args.vocab_size),
+                           SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=5))
+    assert all(len(r.output_ids) == 30 for r in reqs)
+    s = engine.stats
+    assert s.drafted > 0 and 0 < s.acceptance <= 1
+    # each request's step emits its accepted draft (if any) and one more token, cut at max_tokens
+    assert s.drafted <= s.decode_tokens <= s.drafted + s.accepted
+    assert s.decode_tokens == sum(len(r.output_ids) - 1 for r in reqs)
