@@ -1,4 +1,5 @@
 """The MoE report: routing statistics with known values, cost from flops.py, clear errors."""
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -166,3 +167,27 @@ def test_tokenizer_mismatch_and_empty_domain_are_refused(data_dir, tmp_path):
 def test_domain_without_tokens_is_refused(tiny):
     with pytest.raises(DataError, match="'empty' gave no tokens"):
         collect_routing(tiny, {"en": [torch.zeros(1, 4, dtype=torch.long)], "empty": []})
+
+
+def test_report_command_on_a_saved_tiny_model(tiny, data_dir, tmp_path, capsys):
+    from dsmoe.cli import main
+    from dsmoe.data.shards import TokenShards
+    from dsmoe.data.tokenizer import train_tokenizer
+    from dsmoe.interop.hf import save_hf
+
+    save_hf(tiny, tmp_path / "m", tokenizer=TokenShards(data_dir).tokenizer())
+    common = ["report", "--data", str(data_dir), "--out", str(tmp_path / "r")]
+    argv = common + ["--model", str(tmp_path / "m"), "--domains", "prose", "lists", "--seq-len", "32",
+                     "--tokens-per-domain", "100"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["routing"]["domains"] == ["prose", "lists"] and report["routing"]["layers"] == [1, 2]
+    assert report["routing"]["tokens"] == {"prose": 128, "lists": 128}  # 100 tokens: 4 whole sequences of 32
+    assert report["cost"]["params"]["total"] == count_params(tiny.args).total
+    assert "## Cost" in (tmp_path / "r" / "report.md").read_text()
+    # a model whose tokenizer is not the data's
+    save_hf(tiny, tmp_path / "other", tokenizer=train_tokenizer(["unrelated text"] * 3, vocab_size=300))
+    assert main(common + ["--model", str(tmp_path / "other")]) == 1
+    assert "different tokenizer" in capsys.readouterr().err
+    assert main(common + ["--model", str(tmp_path / "m")]) == 1  # every domain, "lonely" included
+    assert "'lonely' has 0 validation tokens" in capsys.readouterr().err

@@ -87,3 +87,25 @@ def test_prompt_errors_are_clear(tokenizer):
         encode_prompt(tokenizer, "The quick brown fox jumps over the lazy dog.", max_seq_len=8)
     with pytest.raises(DataError, match="prompt is empty"):
         encode_prompt(tokenizer, "  \n", max_seq_len=128)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def test_route_command_prints_the_trace_of_the_saved_model(model, tokenizer, tmp_path, capsys):
+    from dsmoe.cli import main
+    from dsmoe.interop.hf import load_model_dir, save_hf
+
+    save_hf(model, tmp_path / "m", tokenizer=tokenizer)
+    (tmp_path / "prompt.txt").write_text("12 + 30 = 42\n")
+    assert main(["route", "--model", str(tmp_path / "m"), "--file", str(tmp_path / "prompt.txt"),
+                 "--json", str(tmp_path / "trace.json")]) == 0
+    printed = capsys.readouterr().out
+    loaded, loaded_tokenizer = load_model_dir(tmp_path / "m")
+    ids = encode_prompt(loaded_tokenizer, "12 + 30 = 42\n", loaded.args.max_seq_len)
+    expected = to_json(trace_routes(loaded, ids, [loaded_tokenizer.decode([t], skip_special=False) for t in ids]))
+    assert json.loads((tmp_path / "trace.json").read_text()) == expected
+    assert printed.splitlines()[0].startswith("pos") and len(printed.splitlines()) == len(ids) + 3
+    assert main(["route", "--model", str(tmp_path / "m"), "--prompt", "x " * 200]) == 1
+    assert "max_seq_len=128" in capsys.readouterr().err
+    assert main(["route", "--model", str(tmp_path / "m"), "--file", str(tmp_path / "nope.txt")]) == 1
+    assert "no such file" in capsys.readouterr().err
