@@ -58,12 +58,19 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
          ctx: DistContext) -> dict[str, Any]:
     """Load shards into a parallelised model (any world size); returns the saved `extra`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
     path = Path(path)
     _check_config(path, model.args)
     state = _state(model, optimizer)
     state["extra"] = ""
+    if optimizer is not None:
+        # A parameter that never had a gradient (say, MTP trained with weight 0) has no
+        # optimizer state in the checkpoint: leave it without one, as it was.
+        saved = set(_reader(path).read_metadata().state_dict_metadata)
+        state["optim"]["state"] = {fqn: moments for fqn, moments in state["optim"]["state"].items()
+                                   if all(f"optim.state.{fqn}.{k}" in saved for k in moments)}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except Exception as err:  # DCP raises CheckpointException with per-rank tracebacks
@@ -71,13 +78,13 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"],
+                                 options=StateDictOptions(strict=False))  # see above
     return json.loads(state["extra"])
 
 
 def consolidate(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """The full single-device model state dict from a DCP checkpoint; needs no process group."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -88,7 +95,7 @@ def consolidate(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     state: dict[str, Any] = {}
     # What torch's own dcp_to_torch_save does, restricted to the model: the planner
     # allocates every tensor at its global shape from the metadata and fills it.
-    _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+    _load_state_dict(state, storage_reader=_reader(path),
                      planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return args, state["model"]
 
@@ -117,6 +124,11 @@ def _state(model: nn.Module, optimizer) -> dict[str, Any]:
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     return state
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    return FileSystemReader(str(path))
 
 
 def _read_config(path: Path) -> ModelArgs:
