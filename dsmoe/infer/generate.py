@@ -1,0 +1,88 @@
+"""`dsmoe generate`: text from a model directory, streamed to stdout as it is produced.
+
+Works on any directory `dsmoe.interop.hf.load_model_dir` reads: a dsmoe-trained model
+saved in Hugging Face format or a DeepSeek-V3/V2 checkpoint from the Hub. Several
+`--prompt`s are decoded together as one batch. `--chat` renders the prompt as a user
+turn with the checkpoint's chat template (or the tokenizer's documented default).
+`--speculative` drafts with the model's MTP module; `--stats` prints decode speed and the
+draft acceptance rate to stderr.
+Not here: interactive sessions; use `dsmoe serve` and any OpenAI client for that.
+"""
+from __future__ import annotations
+
+import sys
+
+from dsmoe.errors import DsmoeError
+from dsmoe.infer.engine import Engine, encode_prompt
+from dsmoe.infer.sampling import SamplingParams
+
+
+def load_engine(model_dir, device=None, dtype=None, **engine_kwargs):
+    """(Engine, tokenizer or None) over the model in `model_dir`."""
+    from dsmoe.interop.hf import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir, dtype=dtype, device=device)
+    return Engine(model, tokenizer, **engine_kwargs), tokenizer
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """One user turn, rendered for the assistant's answer (the template brings its own BOS)."""
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]), add_bos=False)
+
+
+def chat_stop_ids(tokenizer) -> list[int]:
+    """The end-of-turn token of our default chat template, when the vocabulary has it."""
+    end = getattr(tokenizer, "token_to_id", lambda _: None)("<|end|>")
+    return [end] if end is not None else []
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    parser.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                        help="prompt text (repeat for a batch)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+    parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
+    parser.add_argument("--max-len", type=int, default=None, help="context per request")
+    parser.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
+
+
+def run(args) -> int:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos).validate()  # before loading anything
+    engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype,
+                                    max_batch=len(args.prompt), max_len=args.max_len,
+                                    speculative=args.speculative)
+    if tokenizer is None:
+        raise DsmoeError(f"{args.model} has no tokenizer.json: save the model with its tokenizer "
+                         f"(or use the engine from Python with token ids)")
+    if args.chat:
+        prompts = [chat_ids(tokenizer, p) for p in args.prompt]
+        params.stop_token_ids = chat_stop_ids(tokenizer)
+    else:
+        prompts = [encode_prompt(tokenizer, p) for p in args.prompt]
+    if len(prompts) == 1:  # stream
+        for ev in engine.stream(prompts[0], params):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        for i, req in enumerate(engine.generate(prompts, params)):
+            print(f"--- [{i}] {args.prompt[i]!r}\n{req.text}")
+    if args.stats:
+        s = engine.stats
+        line = (f"prefill {s.prefill_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s; "
+                f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_second:.1f} tok/s")
+        if engine.speculative:
+            line += f"; drafts accepted {s.accepted}/{s.drafted} ({s.acceptance:.0%})"
+        print(line, file=sys.stderr)
+    return 0
