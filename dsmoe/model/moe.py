@@ -1,7 +1,8 @@
 """DeepSeekMoE: fine-grained routed experts plus shared experts (DeepSeek-V3 report §2.1.2).
 
 Shape legend: T tokens (batch and sequence flattened), D model dim, E routed experts,
-F expert hidden dim, K experts chosen per token, N = T*K token-expert pairs, G groups.
+F expert hidden dim, K experts chosen per token, N = T*K token-expert pairs, G groups,
+S expert input rows (slots: N, or E x capacity when padded), C capacity.
 
 Notable:
 - Gate: affinities s = sigmoid(x Wᵀ) (or softmax for V2). The per-expert `bias` (trained
@@ -11,8 +12,11 @@ Notable:
   the best `n_limited_groups` groups (scored by their top-2 biased affinities for V3, by
   their best one for V2) and sets every other group's experts to -inf.
 - Routed experts are three stacked weights (w1/w3: E×F×D, w2: E×D×F). The fast path sorts
-  token-expert pairs by expert and runs each projection as one `torch._grouped_mm`; the
-  per-expert loop is kept only as the reference the tests compare against.
+  token-expert pairs by expert and runs each projection as one grouped matmul (w1 and w3
+  fused into one): `torch._grouped_mm` over ragged blocks, or on a multi-threaded CPU a
+  `bmm` over blocks padded to the busiest expert (`pads_experts`). Tokens move to and
+  from the expert rows by gathers only, both ways (`_Dispatch`, `_Combine`): no
+  scatter-add. The per-expert loop is kept only as the reference the tests compare against.
 - The layer returns `RoutingInfo` (choices, weights, affinities, per-expert token counts)
   so training can balance, analysis can trace and nothing is stored on the module.
 Not here: capacity factors or token dropping (DeepSeek-V3 drops no tokens), expert
@@ -93,11 +97,109 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_mm(x_ND: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Row block e of x (rows offsets[e-1]:offsets[e]) times w[e]ᵀ, in one kernel."""
-    dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
+    dtype = _matmul_dtype(x_ND)
     out = torch._grouped_mm(x_ND.to(dtype), w_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
     return _ContiguousGrad.apply(out)
+
+
+def pads_experts(device: torch.device) -> bool:
+    """Whether the grouped path pads every expert to the busiest one's load and runs one
+    `bmm`, rather than `torch._grouped_mm` over ragged blocks.
+    Multi-threaded CPU: pad. There `_grouped_mm` is a loop of small matmuls, each its own
+    parallel region whose start and barrier cost more than the padding's extra rows
+    (max load / mean load - 1), the more so on a machine shared with other work.
+    One CPU thread: no parallel regions, so the ragged loop wins. CUDA: ragged, whose
+    kernel needs neither padding nor a host sync."""
+    return device.type == "cpu" and torch.get_num_threads() > 1
+
+
+@dataclass
+class _Slots:
+    """Where each token-expert pair sits among the experts' input rows: S slots, grouped
+    by expert, each expert's pairs in token order."""
+    slot_TK: torch.Tensor  # the slot of each token-expert pair
+    token_S: torch.Tensor  # the token each slot reads (padding slots read token 0, unused)
+    offsets_E: torch.Tensor  # end of each expert's rows (ragged layout)
+    capacity: int | None  # rows per expert when padded, None when ragged
+
+    @classmethod
+    def plan(cls, ids_TK: torch.Tensor, load_E: torch.Tensor, padded: bool) -> "_Slots":
+        K = ids_TK.shape[1]
+        ids_N = ids_TK.flatten()
+        order_N = ids_N.argsort(stable=True)  # pairs sorted by expert
+        rank_N = torch.arange(ids_N.numel(), device=ids_N.device)  # place in that order
+        offsets_E = load_E.cumsum(0)
+        capacity, n_slots, slot_sorted_N = None, ids_N.numel(), rank_N
+        if padded:
+            capacity = int(load_E.max()) if load_E.numel() else 0
+            n_slots = load_E.numel() * capacity
+            expert_N = ids_N[order_N]
+            slot_sorted_N = expert_N * capacity + rank_N - (offsets_E - load_E)[expert_N]
+        slot_N = torch.empty_like(order_N).index_copy_(0, order_N, slot_sorted_N)
+        token_S = order_N.new_zeros(n_slots).index_copy_(0, slot_N, rank_N // K)
+        return cls(slot_N.view_as(ids_TK), token_S, offsets_E.to(torch.int32), capacity)
+
+    def matmul(self, x_SD: torch.Tensor, w_EFD: torch.Tensor) -> torch.Tensor:
+        """Slot rows of expert e times w[e]ᵀ."""
+        if self.capacity is None:
+            return grouped_mm(x_SD, w_EFD, self.offsets_E)
+        E, dtype = w_EFD.shape[0], _matmul_dtype(x_SD)
+        x_ECD = x_SD.to(dtype).view(E, self.capacity, x_SD.shape[-1])
+        return torch.bmm(x_ECD, w_EFD.to(dtype).transpose(-2, -1)).flatten(0, 1)
+
+    def dispatch(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (S, D): every token copied to its K slots."""
+        return _Dispatch.apply(x_TD, self.token_S, self.slot_TK)
+
+    def combine(self, out_SD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """(S, D) -> (T, D): each token's K slots, weighted and summed."""
+        return _Combine.apply(out_SD, weights_TK, self.slot_TK, self.token_S)
+
+
+# Dispatch and combine move rows by gathers in both directions: `embedding_bag` gathers a
+# token's K rows and (weights and) sums them in one pass, and is each one's adjoint. The
+# scatter-add autograd would otherwise use is serial and slow on CPU.
+class _Dispatch(torch.autograd.Function):
+    """x_SD = x_TD[token_S]; backward sums each token's K slot gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_S, slot_TK):  # noqa: D102
+        ctx.save_for_backward(slot_TK)
+        return x_TD.index_select(0, token_S)
+
+    @staticmethod
+    def backward(ctx, grad_SD):  # noqa: D102
+        slot_TK, = ctx.saved_tensors
+        return F.embedding_bag(slot_TK, grad_SD.contiguous(), mode="sum"), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD = sum_k weights_TK[t, k] * out_SD[slot_TK[t, k]]. Padding slots are read by no
+    token, so their gradient is 0 (their weight in the backward is 0)."""
+
+    @staticmethod
+    def forward(ctx, out_SD, weights_TK, slot_TK, token_S):  # noqa: D102
+        ctx.save_for_backward(out_SD, weights_TK, slot_TK, token_S)
+        return F.embedding_bag(slot_TK, out_SD, mode="sum", per_sample_weights=weights_TK.to(out_SD.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_TD):  # noqa: D102
+        out_SD, weights_TK, slot_TK, token_S = ctx.saved_tensors
+        slot_N, S = slot_TK.flatten(), out_SD.shape[0]
+        grad_SD = grad_TD.contiguous().index_select(0, token_S)  # each slot's token's gradient
+        grad_weights_TK = None
+        if ctx.needs_input_grad[1]:
+            grad_weights_S = (grad_SD * out_SD).sum(-1)
+            grad_weights_TK = grad_weights_S.index_select(0, slot_N).view_as(weights_TK).to(weights_TK.dtype)
+        weights_S = grad_SD.new_zeros(S).index_copy_(0, slot_N, weights_TK.flatten().to(grad_SD.dtype))
+        return grad_SD.mul_(weights_S.unsqueeze(-1)), grad_weights_TK, None, None
 
 
 class RoutedExperts(nn.Module):
@@ -116,15 +218,12 @@ class RoutedExperts(nn.Module):
         return self._forward_loop(x_TD, ids_TK, weights_TK)
 
     def _forward_grouped(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        K = ids_TK.shape[1]
-        order_N = ids_TK.flatten().argsort(stable=True)  # pairs sorted by expert
-        token_N = order_N // K
-        offsets_E = load_E.cumsum(0).to(torch.int32)
-        x_ND = x_TD[token_N]
-        h_NF = F.silu(grouped_mm(x_ND, self.w1_EFD, offsets_E)) * grouped_mm(x_ND, self.w3_EFD, offsets_E)
-        out_ND = grouped_mm(h_NF, self.w2_EDF, offsets_E)
-        out_ND = out_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(out_ND.dtype)
-        return torch.zeros_like(x_TD, dtype=out_ND.dtype).index_add_(0, token_N, out_ND).type_as(x_TD)
+        slots = _Slots.plan(ids_TK, load_E, padded=pads_experts(x_TD.device))
+        x_SD = slots.dispatch(x_TD)
+        # w1 and w3 read the same rows: one matmul over their concatenation.
+        gate_SF, up_SF = slots.matmul(x_SD, torch.cat([self.w1_EFD, self.w3_EFD], dim=1)).chunk(2, dim=-1)
+        out_SD = slots.matmul(F.silu(gate_SF) * up_SF, self.w2_EDF)
+        return slots.combine(out_SD, weights_TK).type_as(x_TD)
 
     def _forward_loop(self, x_TD, ids_TK, weights_TK) -> torch.Tensor:
         """Reference: one plain matmul chain per expert."""
