@@ -8,7 +8,9 @@ from dsmoe.model.moe import MoE, Gate
 
 def make_gate(**overrides) -> Gate:
     args = ModelArgs.from_preset("tiny").replace(**overrides)
-    return Gate(args)
+    gate = Gate(args)
+    torch.nn.init.normal_(gate.weight, 0.0, 0.3)  # Gate allocates with torch.empty: no garbage (NaN) weights
+    return gate
 
 
 def test_group_limited_topk_on_hand_built_scores():
