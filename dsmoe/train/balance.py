@@ -81,6 +81,8 @@ class Balancer:
     def loss(self, routing: list[RoutingInfo], batch_size: int) -> torch.Tensor | None:
         """The balance loss of one micro-batch (None when the mode has none), and records its
         loads for the step. `routing` is main stack then MTP modules, as `moe_layers()`."""
+        if not routing:  # a dense model: nothing to balance
+            return None
         loads = torch.stack([info.load_E for info in routing])
         self.loads_LE = loads if self.loads_LE is None else self.loads_LE + loads
         if self.mode == "bias" and self.alpha > 0:
