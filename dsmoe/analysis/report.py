@@ -215,7 +215,8 @@ def cost_report(args: ModelArgs, context: int, accelerator: Accelerator = H100_S
 
 # --- Markdown -------------------------------------------------------------------------------------
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table as lines: header, rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
@@ -233,7 +234,7 @@ def _cost_section(cost: CostReport) -> list[str]:
              f"attention over a context of {cost.context} keys; training = 3 x forward, MTP "
              "included). The dense model has the same total parameters: the same config with "
              "every routed expert active on every token.", ""]
-    lines += _table(["", "this MoE", "dense, same total size", "MoE / dense"], [
+    lines += markdown_table(["", "this MoE", "dense, same total size", "MoE / dense"], [
         ["parameters (without MTP)", _n(p["total"]), _n(p["total"]), "1"],
         ["activated parameters per token", _n(p["activated"]), _n(p["total"]),
          f"{p['activated'] / p['total']:.3f}"],
@@ -249,7 +250,7 @@ def _cost_section(cost: CostReport) -> list[str]:
     lines += ["", f"Activated parameters without embedding and output head: "
               f"{_n(p['activated_without_embed_head'])}; MTP modules: {_n(p['mtp'])} parameters "
               f"({_n(p['mtp_activated'])} activated).", ""]
-    lines += _table(["KV cache per token", "MLA (latent + rotary key)", "multi-head attention", "MHA / MLA"], [
+    lines += markdown_table(["KV cache per token", "MLA (latent + rotary key)", "multi-head attention", "MHA / MLA"], [
         ["values per layer", kv["mla_values_per_layer"], kv["mha_values_per_layer"], f"{kv['ratio']:.1f}"],
         [f"bytes, all {kv['n_layers']} layers ({kv['dtype_bytes']}-byte values)",
          _n(kv["mla_bytes_per_token"]), _n(kv["mha_bytes_per_token"]), f"{kv['ratio']:.1f}"],
@@ -273,7 +274,7 @@ def _balance_section(stats: RoutingStats) -> list[str]:
              "balance is about the whole mix.", ""]
     rows = [[layer, f"{stats.maxvio_L[l]:.3f}"] + [f"{v:.3f}" for v in stats.maxvio_LD[l]]
             for l, layer in enumerate(stats.layers)]
-    lines += _table(["layer", "MaxVio, all domains"] + [f"MaxVio, {d}" for d in stats.domains], rows)
+    lines += markdown_table(["layer", "MaxVio, all domains"] + [f"MaxVio, {d}" for d in stats.domains], rows)
     return lines + [""]
 
 
@@ -293,7 +294,7 @@ def _specialisation_section(stats: RoutingStats) -> list[str]:
         favourites = ", ".join(f"{d}: {int(share[l, i].argmax())}" for i, d in enumerate(stats.domains))
         rows.append([layer, f"{stats.mi_L[l]:.4f}", f"{stats.mi_shuffled_L[l]:.4f}",
                      f"{stats.mi_L[l] / h:.3f}" if h > 0 else "n/a", favourites])
-    lines += _table(["layer", "I(domain; expert), bits", "shuffled labels, bits",
+    lines += markdown_table(["layer", "I(domain; expert), bits", "shuffled labels, bits",
                      "I / H(domain)", "most used expert per domain"], rows)
     return lines + [""]
 
@@ -400,6 +401,6 @@ def run(args) -> int:
     notes = [f"model: `{args.model}`", f"data: `{args.data}` (validation split, tokenizer sha256 "
              f"{tokenizer.sha256()[:12]}...)", f"{args.seq_len}-token sequences from the start of each domain's validation split, "
              f"up to {args.tokens_per_domain:,} tokens per domain, rounded up to whole sequences"]
-    path = write_report(args.out, stats, cost, title=f"MoE report: {Path(args.model).name}", notes=notes)
+    path = write_report(args.out, stats, cost, title=f"MoE report: {args.model}", notes=notes)
     print(f"wrote {path}")
     return 0

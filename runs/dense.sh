@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# (b) MoE against a dense model with the same activated parameters per token (every layer a
+# SwiGLU FFN whose width makes the totals match), on equal tokens: validation loss.
+# MTP is off in both arms so that only the FFN differs.
+source "$(dirname "$0")/lib.sh"
+prepare_data
+train_arm dense/moe '{"n_mtp_layers": 0}' ''
+train_arm dense/dense '{"n_mtp_layers": 0}' '' --dense
+experiment results dense moe dense --out-dir "$OUT" --command "$(settings) runs/dense.sh" --docs "$DOCS"
