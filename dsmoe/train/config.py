@@ -160,6 +160,8 @@ def load_run_config(preset: str | None = None, config: str | Path | None = None,
     else:
         raise ConfigError(f"{config}: \"model\" must be a preset name or a dict of ModelArgs fields")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    # the default window, shortened for models with a shorter context (the tiny preset)
+    values.setdefault("seq_len", min(TrainConfig.seq_len, args.max_seq_len))
     cfg = TrainConfig.from_dict(values, source=str(config or "train config"))
     cfg.check_model(args)
     return args, cfg
