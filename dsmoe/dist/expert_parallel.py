@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.model.moe import RoutedExperts
+# _Slots is the single-device dispatch/combine (gathers only): reused, not rewritten.
+from dsmoe.model.moe import RoutedExperts, _Slots
 
 
 WEIGHTS = ("w1_EFD", "w3_EFD", "w2_EDF")
@@ -64,8 +65,7 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 @dataclass
 class _Plan:
     """Where this rank's pairs went and what it received, for the way back."""
-    order_N: torch.Tensor  # local pairs sorted by expert
-    token_N: torch.Tensor  # the token of each sorted pair
+    slots: _Slots  # this rank's pairs in expert order (the single-device ragged layout)
     counts_PEl: torch.Tensor  # pairs received from rank p for local expert e
     send: list[int]  # rows sent to each rank
     recv: list[int]  # rows received from each rank
@@ -125,13 +125,13 @@ class ExpertParallelExperts(RoutedExperts):
     def dispatch(self, x_TD, ids_TK, load_E) -> tuple[torch.Tensor, "_Plan"]:
         """Send every token-expert pair's row to the rank owning the expert."""
         P, El = self.ep_size, self.n_local
-        K = ids_TK.shape[1]
-        order_N = ids_TK.flatten().argsort(stable=True)  # by expert, hence by owner rank
+        # The single-device layout: pairs in expert order, hence grouped by owner rank.
+        slots = _Slots.plan(ids_TK, load_E, padded=False)
         # counts_PEl[p, e]: pairs that rank p sends to my expert e
         counts_PEl = _exchange(load_E.to(torch.int64), [El] * P, [El] * P, self.group).view(P, El)
-        plan = _Plan(order_N, order_N // K, counts_PEl, send=load_E.view(P, El).sum(1).tolist(),
+        plan = _Plan(slots, counts_PEl, send=load_E.view(P, El).sum(1).tolist(),
                      recv=counts_PEl.sum(1).tolist())
-        return _AllToAll.apply(x_TD[plan.token_N], plan.recv, plan.send, self.group), plan
+        return _AllToAll.apply(slots.dispatch(x_TD), plan.recv, plan.send, self.group), plan
 
     def compute(self, x_MD, plan: "_Plan") -> torch.Tensor:
         """The unchanged single-device expert code on the received rows, one pair per row."""
@@ -145,10 +145,10 @@ class ExpertParallelExperts(RoutedExperts):
                                                           plan.counts_PEl.sum(0)))
 
     def combine(self, y_MD, weights_TK, plan: "_Plan", x_TD) -> torch.Tensor:
-        """Bring results back to their tokens; weight and sum the K of each token."""
+        """Bring results back to their tokens; weight and sum the K of each token exactly
+        as the single-device code does."""
         y_ND = _AllToAll.apply(y_MD, plan.send, plan.recv, self.group)
-        y_ND = y_ND * weights_TK.flatten()[plan.order_N].unsqueeze(-1).to(y_ND.dtype)
-        return torch.zeros_like(x_TD, dtype=y_ND.dtype).index_add_(0, plan.token_N, y_ND).type_as(x_TD)
+        return plan.slots.combine(y_ND, weights_TK).type_as(x_TD)
 
     def extra_repr(self) -> str:
         return f"experts {self.first_expert}..{self.first_expert + self.n_local - 1} of {self.n_experts}"
