@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from dsmoe.train import checkpoint as ckpt
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig, diff, load_run_config
 from dsmoe.train.optim import build_optimizer, lr_at, set_lr
+
+if TYPE_CHECKING:
+    from dsmoe.dist.training import DistTraining
 
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
 CHECKPOINTS, HF_DIR = "checkpoints", "hf"
@@ -233,8 +236,10 @@ def export_hf(model: Transformer, path: Path, tokenizer) -> Path:
 
 # ------------------------------------------------------------------------- train
 def train_step(model: Transformer, optimizer, balancer: Balancer, stream, cfg: TrainConfig,
-               step: int, device: torch.device, ckpt_root: Path) -> dict[str, Any]:
-    """One optimizer step (0-based `step`) over `grad_accum` micro-batches: its metrics."""
+               step: int, device: torch.device, ckpt_root: Path,
+               par: DistTraining | None = None) -> dict[str, Any]:
+    """One optimizer step (0-based `step`) over `grad_accum` micro-batches: its metrics.
+    With `par` (torchrun), this rank computes its rows of the global batch."""
     t0 = time.perf_counter()
     lr = lr_at(step, cfg)
     set_lr(optimizer, lr)
@@ -243,6 +248,8 @@ def train_step(model: Transformer, optimizer, balancer: Balancer, stream, cfg: T
     sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
     for _ in range(n):
         batch = next(stream).to(device)
+        if par is not None:
+            batch = par.local(batch)
         with autocast(device):
             output = model.run(batch[:, :T], mtp=use_mtp)
             main, mtp = lm_losses(output, batch, T)
@@ -259,12 +266,15 @@ def train_step(model: Transformer, optimizer, balancer: Balancer, stream, cfg: T
         for key, part in (("loss", main), ("mtp_loss", mtp), ("balance_loss", bal)):
             sums[key] += float(part.detach()) / n if part is not None else 0.0
     clip = cfg.clip if cfg.clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if par is None
+                      else par.clip_grad_norm_(model, clip))
     if not math.isfinite(grad_norm):
         raise _diverged("gradient norm", grad_norm, step + 1, ckpt_root)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     maxvio = balancer.step()  # the bias update, from all micro-batches' loads
+    if par is not None:
+        sums = par.average(sums)
     done = step + 1
     return {"step": done, **sums, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": cfg.tokens_per_step / (time.perf_counter() - t0),
@@ -273,11 +283,14 @@ def train_step(model: Transformer, optimizer, balancer: Balancer, stream, cfg: T
 
 def train(args: ModelArgs, cfg: TrainConfig, data: str | Path, out: str | Path, *,
           resume: bool = False, progress: bool | None = None, export: bool = True,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          par: DistTraining | None = None) -> TrainResult:
     """Pretrain `args` on the prepared data in `data`, writing everything under `out`.
 
     progress: a progress bar (None: only on a terminal); without one, a plain line every
     `log_interval` steps. on_step: called with each step's metrics record.
+    par: the torchrun session (`dsmoe/dist/training.py`): the model is sharded over its
+    ranks, each computes its rows of the same global batch, rank 0 logs; None: one process.
     """
     cfg.check_model(args)
     shards = open_data(data, args, cfg)
@@ -286,66 +299,97 @@ def train(args: ModelArgs, cfg: TrainConfig, data: str | Path, out: str | Path, 
     ckpt_root = out / CHECKPOINTS
     latest = _resume_point(out, record) if resume else _fresh_start(out)
     device = resolve_device(cfg.device)
+    if par is None and latest is not None and _dist().is_distributed_checkpoint(latest):
+        with _dist().DistTraining.single(device) as one:  # saved by several ranks, continued by one
+            return train(args, cfg, data, out, resume=resume, progress=progress, export=export,
+                         on_step=on_step, par=one)
+    if par is not None:
+        par.check(record, cfg.batch_size)
+    main_rank = par is None or par.is_main
     with _cpu_threads(cfg.threads, device):
         _seed_everything(cfg.seed)
         model = Transformer(args).to(device).train()
+        if par is not None:
+            model = par.prepare(model)
         optimizer = build_optimizer(model, cfg)
-        balancer = Balancer(model.moe_layers(), cfg.balance, cfg.gamma, cfg.alpha, cfg.aux_alpha)
+        balancer = Balancer(model.moe_layers(), cfg.balance, cfg.gamma, cfg.alpha, cfg.aux_alpha,
+                            reduce=par.reduce_loads if par is not None else None)
         from dsmoe.data.shards import BatchStream
         stream = BatchStream(shards, "train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains)
         out.mkdir(parents=True, exist_ok=True)
         start = 0
-        if latest is not None:
+        if latest is not None and par is not None:
+            extra = par.load(latest, model, optimizer)
+            stream.load_state_dict(extra["data"])
+            start = int(extra["step"])
+        elif latest is not None:
             state, _ = ckpt.load_checkpoint(latest, map_location=device)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             stream.load_state_dict(state["data"])
             ckpt.set_rng_state(state["rng"])
             start = int(state["step"])
+        if latest is not None and main_rank:
             ckpt.remove_stale_temporaries(ckpt_root)
-        else:
+        elif main_rank:
             tmp = out / (RUN_FILE + ".tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n")
             os.replace(tmp, out / RUN_FILE)
-        log = MetricsLog(out)
+        log = MetricsLog(out) if main_rank else _dist().NullLog()
         if latest is not None:
             log.truncate_after(start)  # what a killed run logged after its last checkpoint
 
         result = TrainResult(out=out, step=start, checkpoint=latest)
-        bar = _progress_bar(cfg.steps, start, progress)
+        bar = _progress_bar(cfg.steps, start, progress if main_rank else False)
         began = time.perf_counter()
         try:
             for step in range(start, cfg.steps):
-                metrics = train_step(model, optimizer, balancer, stream, cfg, step, device, ckpt_root)
+                metrics = train_step(model, optimizer, balancer, stream, cfg, step, device, ckpt_root, par)
                 done = result.step = metrics["step"]
                 log.write(metrics)
                 result.metrics.append(metrics)
                 if on_step is not None:
                     on_step(metrics)
-                _report(bar, metrics, cfg)
+                if main_rank:
+                    _report(bar, metrics, cfg)
                 out_of_time = 0 < cfg.max_seconds <= time.perf_counter() - began
                 last = done == cfg.steps or out_of_time
                 if (cfg.eval_interval and done % cfg.eval_interval == 0) or last:
                     result.val = evaluate(model, shards, shards.domains, cfg.batch_size,
                                           cfg.seq_len, cfg.eval_batches, device)
                     log.write({"step": done, "val": result.val})
-                    _say(bar, f"step {done}: validation loss " + ", ".join(
-                        f"{d} {v:.3f}" for d, v in result.val.items()))
-                if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or last:
+                    if main_rank:
+                        _say(bar, f"step {done}: validation loss " + ", ".join(
+                            f"{d} {v:.3f}" for d, v in result.val.items()))
+                save = (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or last
+                if save and par is not None:  # sharded: every rank writes its own part
+                    result.checkpoint = par.save(ckpt_root, done, model, optimizer,
+                                                 {"data": stream.state_dict()}, {"run": record},
+                                                 cfg.keep_last)
+                elif save:
                     result.checkpoint = ckpt.save_checkpoint(
                         ckpt_root, done, _state(model, optimizer, stream, done, cfg),
                         {"run": record}, cfg.keep_last)
                 if out_of_time and done < cfg.steps:
                     result.stopped_early = True
-                    _say(bar, f"stopping at step {done}: max_seconds={cfg.max_seconds} reached")
+                    if main_rank:
+                        _say(bar, f"stopping at step {done}: max_seconds={cfg.max_seconds} reached")
                     break
         finally:
             if bar is not None:
                 bar.close()
             log.close()
-        if export:
-            result.hf_dir = export_hf(model, out / HF_DIR, shards.tokenizer())
+        if export:  # under torchrun, rank 0 exports the last (sharded) checkpoint
+            full = model if par is None else par.full_model(result.checkpoint)
+            if full is not None:
+                result.hf_dir = export_hf(full, out / HF_DIR, shards.tokenizer())
         return result
+
+
+def _dist():
+    """dsmoe.dist.training, imported only by runs that need it."""
+    import dsmoe.dist.training
+    return dsmoe.dist.training
 
 
 def _resume_point(out: Path, record: dict) -> Path:
@@ -421,12 +465,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="plain log lines, no bar")
+    _dist().add_arguments(parser)  # --ep, --dist-timeout: read only under torchrun
 
 
 def run(args: argparse.Namespace) -> int:
     model_args, cfg = load_run_config(args.preset, args.config, steps=args.steps)
-    result = train(model_args, cfg, args.data, args.out, resume=args.resume,
-                   progress=False if args.no_progress else None)
-    print(f"trained {result.step} steps; checkpoint {result.checkpoint}; "
-          f"Hugging Face model {result.hf_dir}")
+    par = _dist().DistTraining.from_env(cfg.device, args.ep, args.dist_timeout)  # None: no torchrun
+    with par if par is not None else contextlib.nullcontext():
+        result = train(model_args, cfg, args.data, args.out, resume=args.resume,
+                       progress=False if args.no_progress else None, par=par)
+    if par is None or par.is_main:
+        print(f"trained {result.step} steps; checkpoint {result.checkpoint}; "
+              f"Hugging Face model {result.hf_dir}")
     return 0

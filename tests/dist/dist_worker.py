@@ -1,11 +1,13 @@
-"""One rank of the multi-process tests (started by `spawn` in conftest.py, or run with
-no distributed environment as the single-process reference).
+"""One rank of the multi-process tests (started by `spawn` in conftest.py); `reference()`
+is the single-process run they are compared with.
 
-Scenarios: train (optionally saving a checkpoint after `--save-at` steps), resume (load
-a checkpoint, train the remaining steps), mismatch (rank 1 builds another config), lost
-(rank 1 exits) and stalled (rank 1 stops talking): the others must fail, at the latest
-when the process-group timeout expires. Each rank writes
-what it saw to OUT/rank{R}.json.
+Each rank runs the training loop's own `train_step` with `DistTraining`, as `torchrun -m
+dsmoe train` does, on its rows of fixed global batches. Scenarios: train (with `--save-at`,
+a checkpoint after that step, in the loop's layout under `--ckpt`), resume (from the
+latest checkpoint there, the remaining steps), mismatch (rank 1 builds another config),
+lost (rank 1 exits) and stalled (rank 1 stops talking): in the last two the other rank
+must fail, at the latest when the process-group timeout expires. Each rank writes what it
+saw to OUT/rank{R}.json.
 """
 from __future__ import annotations
 
@@ -17,17 +19,23 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 from dsmoe import ModelArgs, Transformer
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.optim import build_optimizer
+from dsmoe.train.pretrain import train_step
 
-GLOBAL_BATCH, SEQ, STEPS, LR = 4, 16, 4, 1e-2
+GLOBAL_BATCH, SEQ, STEPS = 4, 16, 4
+# The loop's own settings and step: main CE + 0.3 MTP CE + sequence-wise balance loss,
+# fused AdamW with its parameter groups, clipping at 1.0, the aux-free bias update.
+CFG = TrainConfig(batch_size=GLOBAL_BATCH, seq_len=SEQ - 1, lr=1e-2, warmup_steps=0,
+                  schedule="constant", threads=1)
+METRICS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "maxvio")
 
 
 def batches(args: ModelArgs) -> list[torch.Tensor]:
+    """Global batches of SEQ = seq_len + 1 tokens (inputs and next-token targets)."""
     g = torch.Generator().manual_seed(1234)
     return [torch.randint(0, args.vocab_size, (GLOBAL_BATCH, SEQ), generator=g) for _ in range(STEPS)]
 
@@ -37,27 +45,22 @@ def build(args: ModelArgs) -> Transformer:
     return Transformer(args)
 
 
-def step(model, optimizer, balancer, tokens, clip=None) -> float:
-    """Next-token CE plus MTP CE plus the sequence-wise balance loss, one AdamW step, then
-    the aux-free bias update (on loads summed over ranks when the balancer reduces)."""
-    out = model.run(tokens, mtp=True)
-    V = out.logits.shape[-1]
-    loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
-    for k, logits in enumerate(out.mtp_logits, start=1):
-        loss = loss + 0.3 * F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, k + 1:].reshape(-1))
-    loss = loss + balancer.loss(out.routing + out.mtp_routing, tokens.shape[0])
-    loss.backward()
-    clip() if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    balancer.step()
-    return loss.item()
+def trainer(model, reduce=None):
+    return build_optimizer(model, CFG), Balancer(model.moe_layers(), CFG.balance, CFG.gamma,
+                                                 CFG.alpha, CFG.aux_alpha, reduce=reduce)
 
 
-def optimizer_and_balancer(model, reduce=None):
-    cfg = TrainConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=0.1)
-    return build_optimizer(model, cfg), Balancer(model.moe_layers(), "bias", gamma=1e-3, alpha=1e-4,
-                                                  reduce=reduce)
+def run_steps(model, optimizer, balancer, args, first: int, last: int, root, par=None,
+              save_at: int = 0, on_save=None) -> list[dict]:
+    """Steps first..last-1 (0-based) of the run; the metrics of each."""
+    stream = iter(batches(args)[first:])
+    out = []
+    for step in range(first, last):
+        m = train_step(model, optimizer, balancer, stream, CFG, step, torch.device("cpu"), root, par)
+        out.append({k: m[k] for k in ("step", *METRICS)})
+        if save_at == step + 1 and on_save is not None:
+            on_save(step + 1)
+    return out
 
 
 def probe(args: ModelArgs) -> torch.Tensor:
@@ -68,15 +71,19 @@ def biases(model) -> list[list[float]]:
     return [moe.gate.bias.tolist() for moe in model.moe_layers()]
 
 
-def reference(args: ModelArgs, steps: int = STEPS) -> tuple[list[float], Transformer]:
+def reference(args: ModelArgs, steps: int = STEPS) -> tuple[list[dict], Transformer]:
+    """The single-process run on the global batches."""
     model = build(args)
-    opt, balancer = optimizer_and_balancer(model)
-    return [step(model, opt, balancer, t) for t in batches(args)[:steps]], model
+    optimizer, balancer = trainer(model)
+    metrics = run_steps(model, optimizer, balancer, args, 0, steps, None)
+    return metrics, model
 
 
 def main() -> None:
-    from dsmoe.dist import checkpoint, launch
-    from dsmoe.dist.parallelize import ParallelLayout, clip_grad_norm_, parallelize
+    from dsmoe.dist import launch
+    from dsmoe.dist.parallelize import ParallelLayout
+    from dsmoe.dist.training import DistTraining
+    from dsmoe.train.checkpoint import latest_checkpoint
 
     p = argparse.ArgumentParser()
     p.add_argument("scenario", choices=["train", "resume", "mismatch", "lost", "stalled"])
@@ -103,22 +110,21 @@ def main() -> None:
                 launch.agree(ctx, "model config", args.__dict__)
             finally:
                 report["waited_s"] = time.monotonic() - t0
-        model = parallelize(build(args), ParallelLayout(ep=a.ep), ctx)
-        opt, balancer = optimizer_and_balancer(model, ctx.all_reduce_sum)
-        W, r = ctx.world_size, ctx.rank
+        par = DistTraining(ctx, ParallelLayout(ep=a.ep))
+        model = par.prepare(build(args))
+        optimizer, balancer = trainer(model, par.reduce_loads)
         first = 0
         if a.scenario == "resume":
-            first = checkpoint.load(a.ckpt, model, opt, ctx)["step"]
-        losses = []
-        for i, tokens in enumerate(batches(args)[first:], start=first):
-            local = tokens[r * GLOBAL_BATCH // W:(r + 1) * GLOBAL_BATCH // W]
-            loss = step(model, opt, balancer, local, lambda: clip_grad_norm_(model, 1.0, ctx))
-            losses.append(ctx.mean(loss))
-            if a.save_at and i + 1 == a.save_at:
-                checkpoint.save(a.ckpt, model, opt, ctx, {"step": i + 1})
-                with torch.no_grad():  # what the saved weights compute, for consolidation
-                    report["probe_logits"] = model(probe(args)).tolist()
-        report.update(losses=losses, biases=biases(model), first=first)
+            first = par.load(latest_checkpoint(a.ckpt), model, optimizer)["step"]
+
+        def save(step: int) -> None:
+            par.save(a.ckpt, step, model, optimizer, {"data": {"step": step}})
+            with torch.no_grad():  # what the saved weights compute, for consolidation
+                report["probe_logits"] = model(probe(args)).tolist()
+
+        metrics = run_steps(model, optimizer, balancer, args, first, STEPS, a.ckpt or None, par,
+                            a.save_at, save)
+        report.update(metrics=metrics, biases=biases(model), first=first)
     except Exception as err:  # reported to the test, which checks the kind and message
         report.update(error=type(err).__name__, message=str(err), trace=traceback.format_exc())
     with open(os.path.join(a.out, f"rank{ctx.rank}.json"), "w") as f:

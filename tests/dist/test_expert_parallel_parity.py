@@ -3,6 +3,8 @@ batch: losses within 1e-5 (fp32), the same aux-free bias on every rank, and a ch
 written by 4 ranks resumed by 2."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -16,22 +18,25 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def expected(worker):
-    """Losses and final gate biases of the single-process run on the whole global batch."""
-    losses, model = worker.reference(ModelArgs.from_preset("tiny"))
-    return losses, worker.biases(model)
+    """Metrics per step and final gate biases of the single-process run on the global batches."""
+    metrics, model = worker.reference(ModelArgs.from_preset("tiny"))
+    return metrics, worker.biases(model)
 
 
-def _check_run(reports, expected_losses, expected_bias=None):
+def _check_run(reports, expected_metrics, expected_bias):
     for rep in reports:
         assert "error" not in rep and "missing" not in rep, rep.get("trace") or rep["log"]
-    losses = reports[0]["losses"]
-    assert losses == pytest.approx(expected_losses, abs=TOL)
+    got = reports[0]["metrics"]
+    assert [m["step"] for m in got] == [m["step"] for m in expected_metrics]
+    for g, w in zip(got, expected_metrics):
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], abs=TOL), (g["step"], key)
+        assert g["maxvio"] == w["maxvio"]  # from the same global loads
     first = reports[0]["biases"]
     assert all(rep["biases"] == first for rep in reports)  # bitwise identical on every rank
     assert any(b != 0.0 for layer in first for b in layer)  # the update did run
-    if expected_bias is not None:
-        for got, want in zip(first, expected_bias, strict=True):
-            assert got == pytest.approx(want, abs=1e-7)
+    for got_layer, want_layer in zip(first, expected_bias, strict=True):
+        assert got_layer == pytest.approx(want_layer, abs=1e-7)
 
 
 @pytest.mark.parametrize("world,ep", [(2, 2), pytest.param(4, 2, marks=pytest.mark.slow)])
@@ -41,13 +46,15 @@ def test_losses_match_single_process(spawn, expected, world, ep):
 
 @pytest.mark.slow
 def test_checkpoint_from_4_ranks_resumes_on_2(spawn, worker, expected, tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    saved = spawn(4, "train", "--ep", "4", "--ckpt", ckpt, "--save-at", "2")
+    root = str(tmp_path / "checkpoints")
+    saved = spawn(4, "train", "--ep", "4", "--ckpt", root, "--save-at", "2")
     _check_run(saved, *expected)
-    resumed = spawn(2, "resume", "--ckpt", ckpt)
+    resumed = spawn(2, "resume", "--ckpt", root)
     for rep in resumed:
         assert rep.get("first") == 2, rep.get("trace") or rep["log"]
     _check_run(resumed, expected[0][2:], expected[1])
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 4
 
     # The same checkpoint, consolidated without any process group into the single-device
     # model, computes what the 4 ranks computed with it.
