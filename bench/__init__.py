@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+import sys
+import time
 from pathlib import Path
 
 ROW_KEYS = ("benchmark", "metric", "value", "unit", "note")
@@ -28,6 +30,7 @@ def run_benchmarks(names: list[str], quick: bool = False) -> tuple[list[dict], l
     becomes a row, so one broken benchmark does not hide the others' figures)."""
     rows, failed = [], []
     for name in names:
+        start = time.perf_counter()
         try:
             run = getattr(importlib.import_module(f"{__name__}.{name}"), "run", None)
             if not callable(run):
@@ -42,6 +45,7 @@ def run_benchmarks(names: list[str], quick: bool = False) -> tuple[list[dict], l
             failed.append(name)
             rows.append({"benchmark": name, "metric": "error", "value": math.nan, "unit": "",
                          "note": f"{type(err).__name__}: {err}"})
+        print(f"bench: {name} took {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return rows, failed
 
 

@@ -32,7 +32,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsmoe.analysis.flops import count_params  # noqa: E402
+from dsmoe.analysis.flops import activated, count_params  # noqa: E402
 from dsmoe.config import ModelArgs  # noqa: E402
 from dsmoe.model.layers import SwiGLU  # noqa: E402
 from dsmoe.model.moe import MoE  # noqa: E402
@@ -43,10 +43,9 @@ TARGET = 1.3
 
 def moe_flops_per_token(args: ModelArgs) -> int:
     """Forward FLOPs of one MoE layer per token: gate, shared and top-k routed experts."""
-    groups, n = count_params(args).groups, args.n_moe_layers
-    routed_share = args.n_activated_experts / args.n_routed_experts
-    weights = (groups["gate"] + groups["shared_experts"]) // n + round(groups["routed_experts"] // n * routed_share)
-    return 2 * weights
+    params = count_params(args)
+    layer = {g: params.groups[g] // args.n_moe_layers for g in ("gate", "shared_experts", "routed_experts")}
+    return 2 * activated(layer, params.routed_share)
 
 
 def build(args: ModelArgs, seed: int = 0) -> tuple[MoE, SwiGLU]:

@@ -1,7 +1,7 @@
 """What a config costs: parameters, FLOPs per token and KV-cache bytes, from ModelArgs alone.
 
 Everything is counted analytically from the config, so `dsmoe params --preset deepseek-v3`
-answers instantly and allocates no weights (this module does not even import torch).
+answers instantly and allocates no weights.
 The counts follow the modules in `dsmoe/model/` one to one; `tests/analysis/test_flops.py`
 checks them against materialised and meta-device models, and against torch's FLOP counter.
 
@@ -20,10 +20,11 @@ Conventions (stated once, used everywhere):
   DeepSeek-V3 report's 37B counts this way, embedding and head included). Both figures,
   with and without embedding and output head, are given.
 - FLOPs: 2 per multiply-add. Matmul FLOPs are 2 x the activated matmul weights (the
-  embedding is a lookup and RMSNorm weights are elementwise: neither counts; the gate and
-  the head do; the gate bias is an addition). Attention adds the score (q.k) and value (p.v) products of the naive
-  (expanded K/V) path: 2 x n_heads x (qk_head_dim + v_head_dim) per key, with a token
-  attending to `seq_len` keys (the PaLM convention: no discount for the causal mask).
+  embedding is a lookup, RMSNorm weights are elementwise and the gate bias is added:
+  none of them counts; the gate and the head do). Attention adds the score (q.k) and
+  value (p.v) products of the naive (expanded K/V) path: 2 x n_heads x (qk_head_dim +
+  v_head_dim) per key, a token attending to `seq_len` keys (the PaLM convention: no
+  discount for the causal mask).
   Softmax, norms, activations and routing are not counted.
   Training = 3 x forward (forward, then backward at twice the forward cost), over the
   main model plus the MTP modules (which also run the shared head once per depth).
@@ -86,9 +87,8 @@ class ParamCounts:
         return activated(self.mtp_groups, self.routed_share)
 
     def to_dict(self) -> dict:
-        names = ("total", "mtp", "total_with_mtp", "activated", "activated_without_embed_head",
-                 "mtp_activated")
-        return {**dataclasses.asdict(self), **{n: getattr(self, n) for n in names}}
+        return _as_dict(self, "total", "mtp", "total_with_mtp", "activated",
+                        "activated_without_embed_head", "mtp_activated")
 
 
 def activated(groups: dict[str, int], routed_share: float) -> int:
@@ -117,7 +117,7 @@ class FlopCounts:
         return 3 * (self.forward + self.mtp)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "forward": self.forward, "training": self.training}
+        return _as_dict(self, "forward", "training")
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,13 @@ class CacheCounts:
         return self.mha_values_per_layer / self.mla_values_per_layer
 
     def to_dict(self) -> dict:
-        names = ("mla_bytes_per_layer", "mha_bytes_per_layer", "mla_bytes_per_token",
-                 "mha_bytes_per_token", "ratio")
-        return {**dataclasses.asdict(self), **{n: getattr(self, n) for n in names}}
+        return _as_dict(self, "mla_bytes_per_layer", "mha_bytes_per_layer", "mla_bytes_per_token",
+                        "mha_bytes_per_token", "ratio")
+
+
+def _as_dict(counts, *derived: str) -> dict:
+    """The fields and the named derived properties, for JSON."""
+    return {**dataclasses.asdict(counts), **{name: getattr(counts, name) for name in derived}}
 
 
 # ------------------------------------------------------------------ parameters
@@ -163,9 +167,10 @@ def _attention_params(args: ModelArgs) -> tuple[int, int]:
         q, q_norm = D * H * args.qk_head_dim, 0
     else:
         q, q_norm = D * args.q_lora_rank + args.q_lora_rank * H * args.qk_head_dim, args.q_lora_rank
-    kv = D * (args.kv_lora_rank + args.qk_rope_head_dim) + args.kv_lora_rank * H * (args.qk_nope_head_dim + args.v_head_dim)
+    kv_a = D * (args.kv_lora_rank + args.qk_rope_head_dim)
+    kv_b = args.kv_lora_rank * H * (args.qk_nope_head_dim + args.v_head_dim)
     out = H * args.v_head_dim * D
-    return q + kv + out, q_norm + args.kv_lora_rank
+    return q + kv_a + kv_b + out, q_norm + args.kv_lora_rank
 
 
 def _block_params(args: ModelArgs, is_moe: bool) -> dict[str, int]:
