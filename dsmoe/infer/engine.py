@@ -14,9 +14,13 @@ batching). Each `step()`:
    requests.
 
 Notable:
-- The hot paths are small pure functions (`prefill_chunk_step`, `decode_step`) of
-  (model, tokens, cache); `compile=True` wraps `decode_step` in `torch.compile`
-  (gpt-fast's `decode_one_token`).
+- The hot paths are small pure functions of (model, tokens, cache): `prefill_chunk_step`
+  is `model.run`; `decode_step` (and the speculative verify pass) is `forward_few`, the
+  same modules in the same order minus what decoding does not need (the input check, the
+  mask of a lone row) and with the routed experts computed only for the few experts the
+  step's tokens chose, instead of the grouped path built for thousands of tokens. A test
+  pins it to `model.run`. `compile=True` wraps `decode_step` in `torch.compile` (gpt-fast's
+  `decode_one_token`): meant for CUDA; on a CPU, compiling takes minutes.
 - Cache memory follows requests: a row is acquired when a request joins and released when
   it ends, at exactly (kv_lora_rank + qk_rope_head_dim) x dtype size bytes per token per
   layer (`dsmoe/infer/cache.py`).
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.cache import LatentCache
@@ -50,9 +55,65 @@ def prefill_chunk_step(model, tokens_BT: torch.Tensor, cache):
     return out.logits, out.hidden
 
 
+def forward_few(model, tokens_BT: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.run(tokens, cache, attn_impl="absorb")` for a few new tokens per row: (logits,
+    hidden before the final norm). The same modules in the same order; what differs is only
+    what a decode step can skip or do cheaper: the input check (the engine made these
+    tokens), the mask of a lone row, and the routed experts, computed for just the few
+    experts these tokens chose (`few_token_experts`) instead of the grouped path built for
+    thousands of tokens. Tested against `model.run`."""
+    B, T = tokens_BT.shape
+    positions_BT = cache.positions(T)
+    cos, sin = model.rope_cos[positions_BT], model.rope_sin[positions_BT]
+    mask = cache.attention_mask(T) if B > 1 or T > 1 else None  # a lone new token sees everything
+    h = model.embed(tokens_BT)
+    for i, block in enumerate(model.layers):
+        h = block_few(block, h, cos, sin, cache.layer(i), mask)
+    cache.advance(T)
+    return model.head(model.norm(h)), h
+
+
+def block_few(block, h_BTD, cos, sin, layer_cache, mask) -> torch.Tensor:
+    """`Block.forward` for a few tokens: absorbed attention, `few_token_moe`."""
+    h_BTD = h_BTD + block.attn(block.attn_norm(h_BTD), cos, sin, layer_cache, mask, "absorb")
+    x = block.ffn_norm(h_BTD)
+    return h_BTD + (few_token_moe(block.ffn, x) if block.is_moe else block.ffn(x))
+
+
+def few_token_moe(moe, x_BTD: torch.Tensor) -> torch.Tensor:
+    """`MoE.forward` for a few tokens. On CUDA the model's grouped kernel already costs one
+    launch and no host sync, so it is used as is; on a CPU a few small matmuls beat it."""
+    if x_BTD.device.type != "cpu":
+        return moe(x_BTD)[0]
+    x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    weights_TK, ids_TK, _ = moe.gate(x_TD)
+    y_TD = few_token_experts(moe.experts, x_TD, ids_TK, weights_TK)
+    if moe.shared_experts is not None:
+        y_TD = y_TD + moe.shared_experts(x_TD)
+    return y_TD.view_as(x_BTD)
+
+
+def few_token_experts(experts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Routed experts for a handful of tokens: one small matmul chain per expert actually
+    chosen (the token-expert pairs are grouped on the host: a few ids, one sync)."""
+    K = ids_TK.shape[1]
+    chosen: dict[int, list[int]] = {}
+    for n, e in enumerate(ids_TK.flatten().tolist()):
+        chosen.setdefault(e, []).append(n)
+    weights_N = weights_TK.flatten().to(x_TD.dtype)
+    y_TD = torch.zeros_like(x_TD)
+    for e, pairs_list in chosen.items():
+        pairs = torch.tensor(pairs_list, device=x_TD.device)
+        tokens = pairs // K
+        x = x_TD.index_select(0, tokens)
+        h = F.silu(F.linear(x, experts.w1_EFD[e])) * F.linear(x, experts.w3_EFD[e])
+        y_TD.index_add_(0, tokens, F.linear(h, experts.w2_EDF[e]) * weights_N[pairs, None])
+    return y_TD
+
+
 def decode_step(model, tokens_B1: torch.Tensor, cache) -> torch.Tensor:
     """One new token per row, attending in latent space: next-token logits (B, V)."""
-    return model.run(tokens_B1, cache, attn_impl="absorb").logits[:, -1]
+    return forward_few(model, tokens_B1, cache)[0][:, -1]
 
 
 # ------------------------------------------------------------------- requests, events

@@ -28,18 +28,24 @@ from __future__ import annotations
 
 import torch
 
+from dsmoe.infer.engine import block_few, forward_few, pad_rows, run_chunked
 from dsmoe.infer.sampling import SamplingBatch, probs, sample, uniform
-from dsmoe.model.transformer import resolve_attn_impl
+from dsmoe.model.transformer import ABSORB_MAX_NEW_TOKENS
 
 
 # ----------------------------------------------------------------- pure functions
 def mtp_hidden(model, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, cache) -> torch.Tensor:
-    """The depth-1 MTP block over T positions (written to `cache`): its hidden state (B, T, D)."""
+    """The depth-1 MTP block over T positions (written to `cache`): its hidden state (B, T, D).
+    A few positions (decode) take the engine's few-token path, many (prefill) the module."""
     module = model.mtp[0]
     T = next_tokens_BT.shape[1]
     cos, sin, mask = model._positions(T, cache)
-    impl = resolve_attn_impl("auto", T, has_cache=True)
-    h, _ = module(h_prev_BTD, model.embed(next_tokens_BT), cos, sin, cache.layer(0), mask, impl)
+    emb_BTD = model.embed(next_tokens_BT)
+    if T > ABSORB_MAX_NEW_TOKENS:
+        h, _ = module(h_prev_BTD, emb_BTD, cos, sin, cache.layer(0), mask, "naive")
+    else:  # MTPModule.forward, embedding first, with the block's few-token path
+        x = module.eh_proj(torch.cat([module.enorm(emb_BTD), module.hnorm(h_prev_BTD)], dim=-1))
+        h = block_few(module.block, x, cos, sin, cache.layer(0), mask)
     cache.advance(T)
     return h
 
@@ -88,8 +94,6 @@ def make_drafts(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor
 # ---------------------------------------------------------- the engine's two hooks
 def draft_after_prefill(engine, joining, rows: range, hidden_BPD: torch.Tensor, first_B: torch.Tensor) -> None:
     """Catch the MTP block up over freshly prefilled prompts; store each request's first draft."""
-    from dsmoe.infer.engine import pad_rows, run_chunked
-
     model = engine.model
     # MTP input at position i is t_{i+1}: the prompt shifted by one, then the first sampled token.
     shifted = pad_rows([r.prompt_ids[1:] + [t] for r, t in zip(joining, first_B.tolist())], engine.device)
@@ -117,8 +121,8 @@ def speculative_step(engine, events: list) -> None:
     tokens_B2 = torch.stack([pending_B, drafts_B], dim=1)
 
     main = engine.cache.rows(0, n)
-    out = model.run(tokens_B2, main, attn_impl="absorb")
-    p_B2V = torch.stack([probs(out.logits[:, 0], s), probs(out.logits[:, 1], s)], dim=1)
+    logits_B2V, hidden_B2D = forward_few(model, tokens_B2, main)
+    p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
     n_acc_B, next_B = accept(p_B2V, q_B1V, drafts_B[:, None], s.generators, greedy=s.all_greedy)
     main.rewind((1 - n_acc_B).cpu())
 
@@ -126,7 +130,7 @@ def speculative_step(engine, events: list) -> None:
     acc = n_acc_B.bool()
     mtp_tokens_B2 = torch.stack([torch.where(acc, drafts_B, next_B), next_B], dim=1)
     draft_view = engine.draft_cache.rows(0, n)
-    h_B2D = mtp_hidden(model, out.hidden, mtp_tokens_B2, draft_view)
+    h_B2D = mtp_hidden(model, hidden_B2D, mtp_tokens_B2, draft_view)
     draft_view.rewind((1 - n_acc_B).cpu())
     h_BD = h_B2D[torch.arange(n, device=engine.device), n_acc_B]
     d_B, q_BV = make_drafts(draft_logits(model, h_BD), s)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsmoe.errors import DsmoeError
-from dsmoe.infer.engine import Engine, encode_prompt, prefill
+from dsmoe.infer.engine import Engine, encode_prompt, forward_few, prefill
 from dsmoe.infer.cache import LatentCache
 from dsmoe.infer.sampling import SamplingParams
 
@@ -31,6 +31,28 @@ def test_batched_greedy_equals_full_forward(tiny_args, build):
     for prompt, req in zip(prompts, reqs):
         assert req.output_ids == reference_greedy(model, prompt, 12)
         assert req.finish_reason == "length"
+
+
+@pytest.mark.parametrize("n_new", [1, 2, 5])
+def test_decode_path_equals_model_run(tiny_args, build, n_new):
+    """The engine's few-token forward is the model's absorbed forward: logits and hidden."""
+    model = build(tiny_args)
+    prompts = prompts_of([14, 9, 3], tiny_args.vocab_size, seed=2)
+    new = torch.randint(0, tiny_args.vocab_size, (3, n_new))
+    outs = []
+    for step in ("ours", "model"):
+        cache = LatentCache(tiny_args, 0, 32, n_layers=tiny_args.n_layers)
+        rows = cache.acquire(3)
+        with torch.no_grad():
+            prefill(model, prompts, cache, rows, 8)
+            if step == "ours":
+                outs.append(forward_few(model, new, cache.rows(0, 3)))
+            else:
+                out = model.run(new, cache.rows(0, 3), attn_impl="absorb")
+                outs.append((out.logits, out.hidden))
+        assert cache.lengths[:3].tolist() == [14 + n_new, 9 + n_new, 3 + n_new]
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=2e-5, rtol=1e-4)
 
 
 def test_chunked_prefill_equals_one_pass(tiny_args, build):

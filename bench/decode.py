@@ -1,0 +1,193 @@
+"""Inference speed: the dsmoe engine against transformers' `generate`, and MTP speculation.
+
+Part 1, side by side on the same weights (ours written with `dsmoe.save_hf`, read back by
+`DeepseekV3ForCausalLM.from_pretrained`, fp32, experts `grouped_mm`, SDPA), random
+weights on the `small` preset:
+- decode tokens/s at batch 1 and 8: greedy, fixed prompt and output lengths (EOS ignored),
+  measured as (time for N new tokens - time for 1) / (N - 1) steps, so prefill is excluded
+  the same way on both sides;
+- prefill tokens/s: one long prompt, time to the first token;
+- the greedy continuations are compared token by token (same weights, same function).
+Part 2, MTP self-speculative decoding against plain decoding in our engine, on a trained
+`small` model (random MTP weights draft nothing useful): tokens/s of both, the speedup and
+the draft acceptance rate. The model comes from `--model DIR`, `$DSMOE_BENCH_MODEL`, or the
+newest `out/demo/**/config.json` with an MTP layer (what `make demo` trains); without one the rows say so.
+
+Runs of the compared sides are interleaved round by round (the CPU is shared with other
+processes) and each figure is the median over rounds.
+
+    python bench/decode.py [--quick] [--model DIR]      or     python -m bench decode
+Targets: >= 4x transformers at batch 1 and at batch 8; speculative >= 1.6x plain decoding
+with >= 80% acceptance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsmoe import ModelArgs, Transformer, save_hf  # noqa: E402
+from dsmoe.infer.engine import Engine, encode_prompt  # noqa: E402
+from dsmoe.infer.sampling import SamplingParams  # noqa: E402
+
+PRESET = "small"
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_PROMPT = "The history of the city begins"
+
+
+def build_pair(args: ModelArgs, folder: Path):
+    from transformers import DeepseekV3ForCausalLM
+    torch.manual_seed(0)
+    ours = Transformer(args).eval()
+    save_hf(ours, folder)
+    theirs = DeepseekV3ForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, experts_implementation="grouped_mm", attn_implementation="sdpa").eval()
+    return ours, theirs
+
+
+def ours_generate(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    reqs = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+    return [r.output_ids for r in reqs]
+
+
+@torch.no_grad()
+def theirs_generate(model, prompts: list[list[int]], n: int) -> list[list[int]]:
+    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_rates(jobs: dict, rounds: int) -> dict[str, float]:
+    """jobs: name -> (fn, work units); the median over interleaved rounds of units / seconds."""
+    times = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, (fn, _) in jobs.items():
+            times[name].append(timed(fn))
+    return {name: units / statistics.median(times[name]) for name, (_, units) in jobs.items()}
+
+
+def decode_rows(quick: bool) -> list[dict]:
+    args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
+    P, N, P_long = (32, 16, 128) if quick else (64, 64, 448)
+    rounds = 2 if quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = build_pair(args, Path(tmp))
+    engine = Engine(ours, max_batch=8)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B in (1, 8):
+        prompts = torch.randint(0, args.vocab_size, (B, P), generator=g).tolist()
+        ref_ours, ref_theirs = ours_generate(engine, prompts, N), theirs_generate(theirs, prompts, N)
+        jobs = {}
+        for n in (1, N):  # decode time = time(N) - time(1); one warm-up call each
+            jobs[f"ours{n}"] = (lambda n=n: ours_generate(engine, prompts, n), 1)
+            jobs[f"theirs{n}"] = (lambda n=n: theirs_generate(theirs, prompts, n), 1)
+        rate = median_rates(jobs, rounds)
+        steps = B * (N - 1)
+        ours_tps = steps / (1 / rate[f"ours{N}"] - 1 / rate["ours1"])
+        theirs_tps = steps / (1 / rate[f"theirs{N}"] - 1 / rate["theirs1"])
+        same = sum(a == b for x, y in zip(ref_ours, ref_theirs) for a, b in zip(x, y)) / (B * N)
+        note = f"{PRESET}, prompt {P}, {N} new tokens, greedy, fp32, {torch.get_num_threads()} threads"
+        rows += [
+            {"benchmark": "decode", "metric": f"dsmoe_decode_tokens_per_s_batch{B}", "value": ours_tps,
+             "unit": "tok/s", "note": note},
+            {"benchmark": "decode", "metric": f"transformers_decode_tokens_per_s_batch{B}", "value": theirs_tps,
+             "unit": "tok/s", "note": "DeepseekV3ForCausalLM.generate, experts grouped_mm, sdpa"},
+            {"benchmark": "decode", "metric": f"decode_speedup_batch{B}", "value": ours_tps / theirs_tps,
+             "unit": "x", "note": "target >= 4"},
+            {"benchmark": "decode", "metric": f"greedy_tokens_identical_batch{B}", "value": 100 * same,
+             "unit": "%", "note": "same weights: our greedy tokens equal to transformers'"},
+        ]
+    prompt = torch.randint(0, args.vocab_size, (1, P_long), generator=g).tolist()
+    rate = median_rates({"ours": (lambda: ours_generate(engine, prompt, 1), P_long),
+                         "theirs": (lambda: theirs_generate(theirs, prompt, 1), P_long)}, rounds + 1)
+    rows += [
+        {"benchmark": "decode", "metric": "dsmoe_prefill_tokens_per_s", "value": rate["ours"], "unit": "tok/s",
+         "note": f"one prompt of {P_long} tokens, time to first token"},
+        {"benchmark": "decode", "metric": "transformers_prefill_tokens_per_s", "value": rate["theirs"],
+         "unit": "tok/s", "note": "same prompt"},
+        {"benchmark": "decode", "metric": "prefill_speedup", "value": rate["ours"] / rate["theirs"], "unit": "x",
+         "note": ""},
+    ]
+    return rows
+
+
+def find_trained_model(given: str | None) -> Path | None:
+    if given or os.environ.get("DSMOE_BENCH_MODEL"):
+        return Path(given or os.environ["DSMOE_BENCH_MODEL"])
+    found = []
+    for config in (ROOT / "out" / "demo").glob("**/config.json"):
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if cfg.get("num_nextn_predict_layers", 0) >= 1 and (config.parent / "tokenizer.json").is_file():
+            found.append(config.parent)
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def speculative_rows(quick: bool, model_dir: str | None) -> list[dict]:
+    path = find_trained_model(model_dir)
+    if path is None:
+        return [{"benchmark": "decode", "metric": metric, "value": float("nan"), "unit": unit,
+                 "note": "pending: no trained model with an MTP layer (run `make demo`, or pass --model DIR)"}
+                for metric, unit in (("speculative_speedup", "x"), ("speculative_acceptance", "%"))]
+    from dsmoe.interop.hf import load_model_dir
+    model, tokenizer = load_model_dir(path)
+    N = 48 if quick else 128
+    rounds = 2 if quick else 5
+    prompt = encode_prompt(tokenizer, SPEC_PROMPT)
+    N = min(N, model.args.max_seq_len - len(prompt) - 1)
+    plain, spec = Engine(model, tokenizer, max_batch=1), Engine(model, tokenizer, max_batch=1, speculative=True)
+    params = SamplingParams(max_tokens=N, ignore_eos=True)
+    same = plain.generate([prompt], params)[0].output_ids == spec.generate([prompt], params)[0].output_ids
+    spec.stats.__init__()
+    rate = median_rates({"plain": (lambda: plain.generate([prompt], params), N),
+                         "spec": (lambda: spec.generate([prompt], params), N)}, rounds)
+    note = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}, batch 1, {N} greedy tokens"
+    return [
+        {"benchmark": "decode", "metric": "plain_tokens_per_s", "value": rate["plain"], "unit": "tok/s", "note": note},
+        {"benchmark": "decode", "metric": "speculative_tokens_per_s", "value": rate["spec"], "unit": "tok/s",
+         "note": f"MTP drafts, one verify pass per step; output identical to plain: {same}"},
+        {"benchmark": "decode", "metric": "speculative_speedup", "value": rate["spec"] / rate["plain"], "unit": "x",
+         "note": "target >= 1.6"},
+        {"benchmark": "decode", "metric": "speculative_acceptance", "value": 100 * spec.stats.acceptance,
+         "unit": "%", "note": f"{spec.stats.accepted}/{spec.stats.drafted} drafts; target >= 80"},
+    ]
+
+
+def run(quick: bool = False, model_dir: str | None = None) -> list[dict]:
+    return decode_rows(quick) + speculative_rows(quick, model_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter prompts and outputs, fewer rounds")
+    parser.add_argument("--model", default=None, help="trained model directory for the speculative part")
+    parser.add_argument("--skip-transformers", action="store_true", help="only the speculative part")
+    opts = parser.parse_args()
+    rows = (speculative_rows(opts.quick, opts.model) if opts.skip_transformers
+            else run(opts.quick, opts.model))
+    for row in rows:
+        print(f"{row['metric']:<42} {row['value']:>10.3f} {row['unit']:<6} {row['note']}")
+
+
+if __name__ == "__main__":
+    main()
