@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsmoe import ModelArgs  # noqa: E402
+from dsmoe.dist.launch import free_port, torchrun_env  # noqa: E402
 
 PRESET = "small"
 WORLD = 2
@@ -86,22 +86,15 @@ def _worker(out_dir: str, tokens: int, rounds: int) -> None:
     launch.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(quick: bool = False) -> list[dict]:
     tokens, rounds = (1024, 5) if quick else (4096, 15)
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as out:
-        port = str(_free_port())
+        port = free_port()
         procs = [subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", out, "--tokens", str(tokens),
              "--rounds", str(rounds)],
-            env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+            env={**os.environ, **torchrun_env(r, WORLD, port), "OMP_NUM_THREADS": "1",
                  "PYTHONPATH": str(root)},
             cwd=root) for r in range(WORLD)]
         codes = [p.wait(timeout=600) for p in procs]

@@ -5,21 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dsmoe.dist.launch import free_port, torchrun_env
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = WORKER.parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +29,11 @@ def worker():
 def _launch(world: int, argv: list[str], deadline_s: float, wait_for) -> tuple[list, list[str]]:
     """Start `world` ranks of `python argv...` the way torchrun would; their exit codes
     and outputs."""
-    port = str(_free_port())
+    port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **torchrun_env(rank, world, port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT)}
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     waited = range(world) if wait_for is None else wait_for
