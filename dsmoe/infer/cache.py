@@ -53,9 +53,14 @@ class CacheView:
         self._pending = positions.to(self.cache.device)
         return self._pending  # (B, T)
 
-    def attention_mask(self, n_new: int) -> torch.Tensor:
-        """(B, 1, T, S) bool with S = longest row after this step: key s visible iff s <= position."""
-        S = self.max_length() + n_new
+    def attention_mask(self, n_new: int) -> torch.Tensor | None:
+        """(B, 1, T, S) bool with S = longest row after this step: key s visible iff s <= position.
+        None (plain causal, which attention runs faster) when that is what the mask would say:
+        every row empty before this step, or one new token per row and rows of equal length."""
+        lo, hi = (int(self.lengths.min()), self.max_length()) if self.batch_size else (0, 0)
+        if hi == 0 or (n_new == 1 and lo == hi):
+            return None
+        S = hi + n_new
         keys = torch.arange(S, device=self.cache.device)
         return (keys[None, None, :] <= self._pending[:, :, None]).unsqueeze(1)
 

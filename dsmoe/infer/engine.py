@@ -14,13 +14,14 @@ batching). Each `step()`:
    requests.
 
 Notable:
-- The hot paths are small pure functions of (model, tokens, cache): `prefill_chunk_step`
-  is `model.run`; `decode_step` (and the speculative verify pass) is `forward_few`, the
-  same modules in the same order minus what decoding does not need (the input check, the
-  mask of a lone row) and with the routed experts computed only for the few experts the
-  step's tokens chose, instead of the grouped path built for thousands of tokens. A test
-  pins it to `model.run`. `compile=True` wraps `decode_step` in `torch.compile` (gpt-fast's
-  `decode_one_token`): meant for CUDA; on a CPU, compiling takes minutes.
+- The hot paths are small pure functions of (model, tokens, cache): `forward_hidden` runs
+  the model's modules in the model's order without the input check and the output head
+  (applied only where logits are needed), naive attention for prefill and latent-space
+  attention for decode and the speculative verify pass, and the routed experts as ragged
+  grouped matmuls over only the experts the tokens chose (`ragged_experts`; the model's
+  CPU path pads every expert to the busiest one, a layout for training batches). A test
+  pins it to `model.run`. `compile=True` wraps `decode_step` in `torch.compile`
+  (gpt-fast's `decode_one_token`): meant for CUDA; on a CPU, compiling takes minutes.
 - Cache memory follows requests: a row is acquired when a request joins and released when
   it ends, at exactly (kv_lora_rank + qk_rope_head_dim) x dtype size bytes per token per
   layer (`dsmoe/infer/cache.py`).
@@ -44,76 +45,69 @@ import torch.nn.functional as F
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.cache import LatentCache
 from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
+from dsmoe.model.moe import grouped_mm
 
 DEFAULT_MAX_LEN = 8192  # cache positions per request unless asked otherwise (V3's context is 160K)
 
 
 # ----------------------------------------------------------------- hot pure functions
-def prefill_chunk_step(model, tokens_BT: torch.Tensor, cache):
-    """Run one prompt chunk through the model, writing it to the cache: (logits, hidden)."""
-    out = model.run(tokens_BT, cache, attn_impl="naive")
-    return out.logits, out.hidden
-
-
-def forward_few(model, tokens_BT: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.run(tokens, cache, attn_impl="absorb")` for a few new tokens per row: (logits,
-    hidden before the final norm). The same modules in the same order; what differs is only
-    what a decode step can skip or do cheaper: the input check (the engine made these
-    tokens), the mask of a lone row, and the routed experts, computed for just the few
-    experts these tokens chose (`few_token_experts`) instead of the grouped path built for
-    thousands of tokens. Tested against `model.run`."""
-    B, T = tokens_BT.shape
-    positions_BT = cache.positions(T)
-    cos, sin = model.rope_cos[positions_BT], model.rope_sin[positions_BT]
-    mask = cache.attention_mask(T) if B > 1 or T > 1 else None  # a lone new token sees everything
+def forward_hidden(model, tokens_BT: torch.Tensor, cache, impl: str) -> torch.Tensor:
+    """The main stack over new tokens, written to `cache`: the hidden state before the final
+    norm (B, T, D). `model.run(tokens, cache, attn_impl=impl)` with the model's own modules
+    in the model's order, minus the input check (the engine made or checked these tokens)
+    and the output head (callers apply `logits` only where they need it: a prefill chunk
+    needs at most each prompt's last position), with the routed experts of `ragged_moe`.
+    Tested against `model.run`."""
+    T = tokens_BT.shape[1]
+    cos, sin, mask = model._positions(T, cache)
     h = model.embed(tokens_BT)
     for i, block in enumerate(model.layers):
-        h = block_few(block, h, cos, sin, cache.layer(i), mask)
+        h = block_forward(block, h, cos, sin, cache.layer(i), mask, impl)
     cache.advance(T)
-    return model.head(model.norm(h)), h
+    return h
 
 
-def block_few(block, h_BTD, cos, sin, layer_cache, mask) -> torch.Tensor:
-    """`Block.forward` for a few tokens: absorbed attention, `few_token_moe`."""
-    h_BTD = h_BTD + block.attn(block.attn_norm(h_BTD), cos, sin, layer_cache, mask, "absorb")
+def logits(model, h: torch.Tensor) -> torch.Tensor:
+    return model.head(model.norm(h))
+
+
+def block_forward(block, h_BTD, cos, sin, layer_cache, mask, impl: str) -> torch.Tensor:
+    """`Block.forward`, with `ragged_moe`."""
+    h_BTD = h_BTD + block.attn(block.attn_norm(h_BTD), cos, sin, layer_cache, mask, impl)
     x = block.ffn_norm(h_BTD)
-    return h_BTD + (few_token_moe(block.ffn, x) if block.is_moe else block.ffn(x))
+    return h_BTD + (ragged_moe(block.ffn, x) if block.is_moe else block.ffn(x))
 
 
-def few_token_moe(moe, x_BTD: torch.Tensor) -> torch.Tensor:
-    """`MoE.forward` for a few tokens. On CUDA the model's grouped kernel already costs one
-    launch and no host sync, so it is used as is; on a CPU a few small matmuls beat it."""
-    if x_BTD.device.type != "cpu":
-        return moe(x_BTD)[0]
+def ragged_moe(moe, x_BTD: torch.Tensor) -> torch.Tensor:
+    """`MoE.forward` without the routing record, with `ragged_experts`."""
     x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
     weights_TK, ids_TK, _ = moe.gate(x_TD)
-    y_TD = few_token_experts(moe.experts, x_TD, ids_TK, weights_TK)
+    y_TD = ragged_experts(moe.experts, x_TD, ids_TK, weights_TK)
     if moe.shared_experts is not None:
         y_TD = y_TD + moe.shared_experts(x_TD)
     return y_TD.view_as(x_BTD)
 
 
-def few_token_experts(experts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Routed experts for a handful of tokens: one small matmul chain per expert actually
-    chosen (the token-expert pairs are grouped on the host: a few ids, one sync)."""
+def ragged_experts(experts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Routed experts at inference: the token-expert pairs sorted by expert and each
+    projection one ragged grouped matmul, so an expert costs what its tokens cost (nothing
+    if none chose it): no padding to the busiest expert, no copy of the weights, no host
+    sync. (The model's CPU training path pads; at inference, with few tokens per step,
+    that reads every expert's weights.)"""
     K = ids_TK.shape[1]
-    chosen: dict[int, list[int]] = {}
-    for n, e in enumerate(ids_TK.flatten().tolist()):
-        chosen.setdefault(e, []).append(n)
-    weights_N = weights_TK.flatten().to(x_TD.dtype)
-    y_TD = torch.zeros_like(x_TD)
-    for e, pairs_list in chosen.items():
-        pairs = torch.tensor(pairs_list, device=x_TD.device)
-        tokens = pairs // K
-        x = x_TD.index_select(0, tokens)
-        h = F.silu(F.linear(x, experts.w1_EFD[e])) * F.linear(x, experts.w3_EFD[e])
-        y_TD.index_add_(0, tokens, F.linear(h, experts.w2_EDF[e]) * weights_N[pairs, None])
-    return y_TD
+    ids_N = ids_TK.flatten()
+    order_N = ids_N.argsort(stable=True)
+    offsets_E = torch.bincount(ids_N, minlength=experts.n_experts).cumsum(0).to(torch.int32)
+    token_N = order_N // K
+    x_ND = x_TD.index_select(0, token_N)
+    h_NF = F.silu(grouped_mm(x_ND, experts.w1_EFD, offsets_E)) * grouped_mm(x_ND, experts.w3_EFD, offsets_E)
+    out_ND = grouped_mm(h_NF, experts.w2_EDF, offsets_E) * weights_TK.flatten()[order_N, None].to(x_TD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token_N, out_ND.to(x_TD.dtype))
 
 
 def decode_step(model, tokens_B1: torch.Tensor, cache) -> torch.Tensor:
     """One new token per row, attending in latent space: next-token logits (B, V)."""
-    return forward_few(model, tokens_B1, cache)[0][:, -1]
+    return logits(model, forward_hidden(model, tokens_B1, cache, "absorb")[:, -1])
 
 
 # ------------------------------------------------------------------- requests, events
@@ -478,10 +472,11 @@ def prefill(model, prompts: list[list[int]], cache: LatentCache, rows: range, ch
     tokens_BP = pad_rows(prompts, cache.device)
 
     def run(c0, c1, m, view):
-        logits, hidden = prefill_chunk_step(model, tokens_BP[:m, c0:c1], view)
-        return logits, hidden
+        hidden = forward_hidden(model, tokens_BP[:m, c0:c1], view, "naive")
+        return hidden, hidden
 
-    return run_chunked(run, [len(p) for p in prompts], chunk, cache, rows, keep_all=keep_hidden)
+    last_BD, hidden = run_chunked(run, [len(p) for p in prompts], chunk, cache, rows, keep_all=keep_hidden)
+    return logits(model, last_BD), hidden
 
 
 def pad_rows(rows: list[list[int]], device, value: int = 0) -> torch.Tensor:

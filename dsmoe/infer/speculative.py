@@ -28,24 +28,20 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.infer.engine import block_few, forward_few, pad_rows, run_chunked
+from dsmoe.infer.engine import block_forward, forward_hidden, logits, pad_rows, run_chunked
 from dsmoe.infer.sampling import SamplingBatch, probs, sample, uniform
-from dsmoe.model.transformer import ABSORB_MAX_NEW_TOKENS
+from dsmoe.model.transformer import resolve_attn_impl
 
 
 # ----------------------------------------------------------------- pure functions
 def mtp_hidden(model, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, cache) -> torch.Tensor:
-    """The depth-1 MTP block over T positions (written to `cache`): its hidden state (B, T, D).
-    A few positions (decode) take the engine's few-token path, many (prefill) the module."""
+    """The depth-1 MTP module over T positions (written to `cache`): its hidden state (B, T, D).
+    `MTPModule.forward` (embedding first), its block run as the engine runs the main ones."""
     module = model.mtp[0]
     T = next_tokens_BT.shape[1]
     cos, sin, mask = model._positions(T, cache)
-    emb_BTD = model.embed(next_tokens_BT)
-    if T > ABSORB_MAX_NEW_TOKENS:
-        h, _ = module(h_prev_BTD, emb_BTD, cos, sin, cache.layer(0), mask, "naive")
-    else:  # MTPModule.forward, embedding first, with the block's few-token path
-        x = module.eh_proj(torch.cat([module.enorm(emb_BTD), module.hnorm(h_prev_BTD)], dim=-1))
-        h = block_few(module.block, x, cos, sin, cache.layer(0), mask)
+    x = module.eh_proj(torch.cat([module.enorm(model.embed(next_tokens_BT)), module.hnorm(h_prev_BTD)], dim=-1))
+    h = block_forward(module.block, x, cos, sin, cache.layer(0), mask, resolve_attn_impl("auto", T, True))
     cache.advance(T)
     return h
 
@@ -121,7 +117,8 @@ def speculative_step(engine, events: list) -> None:
     tokens_B2 = torch.stack([pending_B, drafts_B], dim=1)
 
     main = engine.cache.rows(0, n)
-    logits_B2V, hidden_B2D = forward_few(model, tokens_B2, main)
+    hidden_B2D = forward_hidden(model, tokens_B2, main, "absorb")
+    logits_B2V = logits(model, hidden_B2D)
     p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
     n_acc_B, next_B = accept(p_B2V, q_B1V, drafts_B[:, None], s.generators, greedy=s.all_greedy)
     main.rewind((1 - n_acc_B).cpu())

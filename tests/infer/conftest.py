@@ -39,14 +39,15 @@ def tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
 
 
+def seeded_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(args).eval()
+
+
 @pytest.fixture
 def build():
     """A freshly initialised model in eval mode, reproducible by seed."""
-    def make(args: ModelArgs, seed: int = 0) -> Transformer:
-        torch.manual_seed(seed)
-        return Transformer(args).eval()
-    return make
-
+    return seeded_model
 
 
 @pytest.fixture
@@ -64,8 +65,7 @@ def make_agreeing_model(args: ModelArgs, mix: float, seed: int = 0) -> Transform
     the model's own next prediction. Smaller `mix`, more agreement: speculative tests then
     exercise acceptance and rejection both.
     """
-    torch.manual_seed(seed)
-    model = Transformer(args).eval()
+    model = seeded_model(args, seed)
     blocks = list(model.layers) + [m.block for m in model.mtp]
     for block in blocks:
         block.attn.wo.weight.mul_(mix)

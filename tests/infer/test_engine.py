@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsmoe.errors import DsmoeError
-from dsmoe.infer.engine import Engine, encode_prompt, forward_few, prefill
+from dsmoe.infer.engine import Engine, encode_prompt, forward_hidden, logits, prefill
 from dsmoe.infer.cache import LatentCache
 from dsmoe.infer.sampling import SamplingParams
 
@@ -35,7 +35,8 @@ def test_batched_greedy_equals_full_forward(tiny_args, build):
 
 @pytest.mark.parametrize("n_new", [1, 2, 5])
 def test_decode_path_equals_model_run(tiny_args, build, n_new):
-    """The engine's few-token forward is the model's absorbed forward: logits and hidden."""
+    """The engine's decode forward is the model's absorbed forward: logits and hidden (its
+    prefill forward is compared to the model in the chunked-prefill test)."""
     model = build(tiny_args)
     prompts = prompts_of([14, 9, 3], tiny_args.vocab_size, seed=2)
     new = torch.randint(0, tiny_args.vocab_size, (3, n_new))
@@ -46,7 +47,8 @@ def test_decode_path_equals_model_run(tiny_args, build, n_new):
         with torch.no_grad():
             prefill(model, prompts, cache, rows, 8)
             if step == "ours":
-                outs.append(forward_few(model, new, cache.rows(0, 3)))
+                hidden = forward_hidden(model, new, cache.rows(0, 3), "absorb")
+                outs.append((logits(model, hidden), hidden))
             else:
                 out = model.run(new, cache.rows(0, 3), attn_impl="absorb")
                 outs.append((out.logits, out.hidden))
