@@ -338,10 +338,12 @@ class Engine:
         joining.sort(key=lambda r: -len(r.prompt_ids))
         start = time.perf_counter()
         rows = self.cache.acquire(len(joining))
+        if self.draft_cache is not None:
+            self.draft_cache.acquire(len(joining))
+        self.running.extend(joining)  # from here on, rows and requests match (fail_all frees both)
+        self._sampling = None
         logits_BV, hidden = prefill(self.model, [r.prompt_ids for r in joining], self.cache, rows,
                                     self.prefill_chunk, keep_hidden=self.speculative)
-        self.running.extend(joining)
-        self._sampling = None
         first = next_tokens(logits_BV, SamplingBatch.build([r.params for r in joining],
                                                            [r._generator for r in joining], self.device))
         first_list = first.tolist()

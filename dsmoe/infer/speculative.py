@@ -89,7 +89,8 @@ def make_drafts(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor
 
 # ---------------------------------------------------------- the engine's two hooks
 def draft_after_prefill(engine, joining, rows: range, hidden_BPD: torch.Tensor, first_B: torch.Tensor) -> None:
-    """Catch the MTP block up over freshly prefilled prompts; store each request's first draft."""
+    """Catch the MTP block up over freshly prefilled prompts (their `rows` of the draft cache);
+    store each request's first draft."""
     model = engine.model
     # MTP input at position i is t_{i+1}: the prompt shifted by one, then the first sampled token.
     shifted = pad_rows([r.prompt_ids[1:] + [t] for r, t in zip(joining, first_B.tolist())], engine.device)
@@ -97,7 +98,6 @@ def draft_after_prefill(engine, joining, rows: range, hidden_BPD: torch.Tensor, 
     def run(c0, c1, m, view):
         return mtp_hidden(model, hidden_BPD[:m, c0:c1], shifted[:m, c0:c1], view), None
 
-    engine.draft_cache.acquire(len(joining))
     h_BD, _ = run_chunked(run, [len(r.prompt_ids) for r in joining], engine.prefill_chunk,
                           engine.draft_cache, rows)
     s = SamplingBatch.build([r.params for r in joining], [r._generator for r in joining], engine.device)

@@ -185,3 +185,27 @@ def test_bad_requests_fail_before_any_work(tiny_args, build):
     with pytest.raises(DsmoeError, match="n_mtp_layers=0"):
         Engine(build(tiny_args.replace(n_mtp_layers=0)), speculative=True)
     assert not engine.has_work()
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_args, build, monkeypatch):
+    import dsmoe.infer.engine as engine_module
+
+    model = build(tiny_args)
+    engine = Engine(model, speculative=True)
+    running = engine.add_request([1, 2, 3], SamplingParams(max_tokens=20))
+    engine.step()
+    joining = engine.add_request([4, 5], SamplingParams(max_tokens=20))
+    real = engine_module.forward_hidden
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine_module, "forward_hidden", broken)
+    with pytest.raises(RuntimeError):
+        engine.step()  # fails inside the prefill of the joining request
+    engine.fail_all("device lost")
+    assert running.finish_reason == joining.finish_reason == "error"
+    assert engine.cache.n_used == engine.draft_cache.n_used == 0 and not engine.has_work()
+    monkeypatch.setattr(engine_module, "forward_hidden", real)
+    again = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=6))[0]
+    assert again.output_ids == reference_greedy(model, [1, 2, 3], 6)
