@@ -39,19 +39,19 @@ class SamplingParams:
         def fail(name: str, rule: str) -> None:
             raise DsmoeError(f"{name}={getattr(self, name)!r}: {rule}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "must be a positive integer")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
+        if not is_number(self.temperature) or not 0 <= self.temperature <= 100:
             fail("temperature", "must be a number in [0, 100] (0 is greedy)")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             fail("top_k", "must be a non-negative integer (0 disables top-k)")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "must be a number in (0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             fail("seed", "must be an integer or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be a list of non-empty strings")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be a list of token ids")
         return self
 
@@ -68,11 +68,12 @@ class SamplingParams:
         return g
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
+    """A real number (bools are not; NaN is not)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
@@ -95,13 +96,6 @@ class SamplingBatch:
             generators=list(generators),
             all_greedy=all(p.greedy for p in params),
             filtered=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy))
-
-    def select(self, rows: torch.Tensor | list[int]) -> "SamplingBatch":
-        """The settings of some rows (e.g. the rows of one layer of a speculative step)."""
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        idx = rows_t.to(self.temperature.device)
-        return SamplingBatch(self.temperature[idx], self.top_k[idx], self.top_p[idx],
-                             [self.generators[i] for i in rows_t.tolist()], self.all_greedy, self.filtered)
 
 
 def filter_logits(logits_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import uuid
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.engine import Engine, Event, Request, encode_prompt
 from dsmoe.infer.generate import chat_stop_ids, load_engine
-from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.sampling import SamplingParams, is_int, is_number
 
 log = logging.getLogger("dsmoe.serve")
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -94,14 +94,6 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _field(body: dict, name: str, check, rule: str, default=None):
     """body[name] if present and not null, after `check`; a 400 naming the field otherwise."""
     value = body.get(name)
@@ -159,7 +151,7 @@ class Server:
                                 f"and the prompt has {n_prompt}: shorten it", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
         name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _field(body, name, lambda v: _is_int(v) and v >= 1, "must be a positive integer",
+        max_tokens = _field(body, name, lambda v: is_int(v) and v >= 1, "must be a positive integer",
                             default=room if chat else min(16, room))
         if max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {self.engine.max_len} tokens. "
@@ -174,13 +166,13 @@ class Server:
             raise APIError(400, "'stop': stop strings must not be empty", param="stop")
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=float(_field(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2,
+            temperature=float(_field(body, "temperature", lambda v: is_number(v) and 0 <= v <= 2,
                                      "must be a number between 0 and 2", default=1.0)),
-            top_p=float(_field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1,
+            top_p=float(_field(body, "top_p", lambda v: is_number(v) and 0 < v <= 1,
                                "must be a number in (0, 1]", default=1.0)),
-            top_k=_field(body, "top_k", lambda v: _is_int(v) and v >= -1, "must be an integer >= 0 "
+            top_k=_field(body, "top_k", lambda v: is_int(v) and v >= -1, "must be an integer >= 0 "
                          "(0 or -1: no limit)", default=0),
-            seed=_field(body, "seed", _is_int, "must be an integer"),
+            seed=_field(body, "seed", is_int, "must be an integer"),
             stop=stop,
             stop_token_ids=self.chat_stop_ids if chat else [],
             ignore_eos=bool(_field(body, "ignore_eos", lambda v: isinstance(v, bool), "must be a boolean",
@@ -195,10 +187,10 @@ class Server:
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(
-                isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
+                isinstance(p, list) and all(is_int(t) for t in p) for p in prompt):
             prompts = prompt
         else:
             raise APIError(400, f"'prompt' is required and {rule}", param="prompt")
@@ -291,8 +283,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health():
+        s = engine.stats
         return {"status": "ok", "model": model_name, "running": len(engine.running),
-                "waiting": len(engine.waiting), "cache_bytes": engine.cache.nbytes()}
+                "waiting": len(engine.waiting), "cache_bytes": engine.cache.nbytes(),
+                "decode_tokens_per_s": _finite(s.decode_tokens_per_second),
+                "draft_acceptance": _finite(s.acceptance) if engine.speculative else None}
 
     def model_card():
         return {"id": model_name, "object": "model", "created": server.created, "owned_by": "dsmoe",
@@ -419,6 +414,10 @@ class _Reply:
             for r in self.reqs:
                 if not r.finished:
                     worker.abort(r.id)
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x else None  # JSON has no NaN
 
 
 def _reason(r: Request) -> str:
