@@ -21,7 +21,8 @@ Notable:
   grouped matmuls over only the experts the tokens chose (`ragged_experts`; the model's
   CPU path pads every expert to the busiest one, a layout for training batches). A test
   pins it to `model.run`. `compile=True` wraps `decode_step` in `torch.compile`
-  (gpt-fast's `decode_one_token`): meant for CUDA; on a CPU, compiling takes minutes.
+  (gpt-fast's `decode_one_token`); on a CPU the routed experts stay eager (the fp32 grouped
+  matmul cannot be traced) and compiling takes from seconds to minutes.
 - Cache memory follows requests: a row is acquired when a request joins and released when
   it ends, at exactly (kv_lora_rank + qk_rope_head_dim) x dtype size bytes per token per
   layer (`dsmoe/infer/cache.py`).
@@ -82,7 +83,8 @@ def ragged_moe(moe, x_BTD: torch.Tensor) -> torch.Tensor:
     """`MoE.forward` without the routing record, with `ragged_experts`."""
     x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
     weights_TK, ids_TK, _ = moe.gate(x_TD)
-    y_TD = ragged_experts(moe.experts, x_TD, ids_TK, weights_TK)
+    experts = ragged_experts if x_TD.is_cuda else _ragged_experts_uncompiled
+    y_TD = experts(moe.experts, x_TD, ids_TK, weights_TK)
     if moe.shared_experts is not None:
         y_TD = y_TD + moe.shared_experts(x_TD)
     return y_TD.view_as(x_BTD)
@@ -103,6 +105,11 @@ def ragged_experts(experts, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK
     h_NF = F.silu(grouped_mm(x_ND, experts.w1_EFD, offsets_E)) * grouped_mm(x_ND, experts.w3_EFD, offsets_E)
     out_ND = grouped_mm(h_NF, experts.w2_EDF, offsets_E) * weights_TK.flatten()[order_N, None].to(x_TD.dtype)
     return torch.zeros_like(x_TD).index_add_(0, token_N, out_ND.to(x_TD.dtype))
+
+
+# torch.compile cannot trace the CPU grouped matmul in fp32 (its meta function wants bf16):
+# on a CPU the experts stay eager inside a compiled step.
+_ragged_experts_uncompiled = torch.compiler.disable(ragged_experts)
 
 
 def decode_step(model, tokens_B1: torch.Tensor, cache) -> torch.Tensor:
