@@ -75,10 +75,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe_BSR.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        # SDPA's fused (flash) kernels need v as wide as q and k; otherwise it falls back to
+        # the unfused math path (about 2x slower on CPU). Zero columns of v give zero
+        # columns of the output, sliced off below.
+        pad = self.qk_head_dim - self.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=self.softmax_scale)
-        return out.transpose(1, 2)  # (B, T, H, Dv)
+        return out.transpose(1, 2)[..., :self.v_head_dim]  # (B, T, H, Dv)
 
     def _attend_absorbed(self, q_nope, q_pe, latent_BSC, k_pe_BSR, mask):
         T, S = q_nope.shape[1], latent_BSC.shape[1]

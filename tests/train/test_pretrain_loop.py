@@ -141,6 +141,46 @@ def test_mtp_depth_k_predicts_k_plus_one_ahead():
     torch.testing.assert_close(mtp, (by_hand[0] + by_hand[1]) / 2)
 
 
+class _GradientRecorder:
+    """Stands in for the optimizer: keeps the gradients the step would apply."""
+
+    def __init__(self, model):
+        self.model, self.param_groups, self.grads = model, [{"lr": 0.0}], {}
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
+    """grad_accum=2 over two halves == one step on the whole batch: same losses, gradients
+    and bias move (the loads of both micro-batches are summed before the sign rule)."""
+    from dsmoe.train.balance import Balancer
+    from dsmoe.train.pretrain import train_step
+    tokens = torch.randint(0, TINY.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for batch_size, accum, stream in ((4, 1, [tokens]), (2, 2, [tokens[:2], tokens[2:]])):
+        torch.manual_seed(0)
+        model = Transformer(TINY)
+        c = cfg(batch_size=batch_size, grad_accum=accum, seq_len=32, gamma=0.01, alpha=0.01)
+        recorder = _GradientRecorder(model)
+        balancer = Balancer(model.moe_layers(), "bias", c.gamma, c.alpha)
+        metrics = train_step(model, recorder, balancer, iter(stream), c, 0, torch.device("cpu"),
+                             tmp_path)
+        biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("gate.bias")}
+        results.append((metrics, recorder.grads, biases))
+    (one, grads_one, bias_one), (two, grads_two, bias_two) = results
+    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5)
+    assert two["maxvio"] == one["maxvio"]
+    for name in grads_one:
+        torch.testing.assert_close(grads_two[name], grads_one[name], rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(bias_two[n], bias_one[n]) for n in bias_one)
+    assert any(b.any() for b in bias_one.values())
+
+
 def test_training_learns_and_writes_an_hf_model(data, tmp_path):
     result = train(TINY, cfg(steps=20), data, tmp_path / "run")
     steps = _steps(tmp_path / "run")
