@@ -109,15 +109,26 @@ def grouped_mm(x_ND: torch.Tensor, w_EFD: torch.Tensor, offsets_E: torch.Tensor)
     return _ContiguousGrad.apply(out)
 
 
-def pads_experts(device: torch.device) -> bool:
+# Padding pays for max load / mean load - 1 extra rows: at most this share (MaxVio 0.25).
+MAX_PADDING = 1.25
+
+
+def pads_experts(device: torch.device, load_E: torch.Tensor | None = None) -> bool:
     """Whether the grouped path pads every expert to the busiest one's load and runs one
     `bmm`, rather than `torch._grouped_mm` over ragged blocks.
-    Multi-threaded CPU: pad. There `_grouped_mm` is a loop of small matmuls, each its own
-    parallel region whose start and barrier cost more than the padding's extra rows
-    (max load / mean load - 1), the more so on a machine shared with other work.
-    One CPU thread: no parallel regions, so the ragged loop wins. CUDA: ragged, whose
-    kernel needs neither padding nor a host sync."""
-    return device.type == "cpu" and torch.get_num_threads() > 1
+    Multi-threaded CPU with an even load: pad. There `_grouped_mm` is a loop of small
+    matmuls, each its own parallel region whose start and barrier cost more than the
+    padding's extra rows (max load / mean load - 1) when OpenMP threads spin while they
+    wait. With an uneven load (early training, before the balancing bias has caught up,
+    MaxVio reaches 3-7) the padding multiplies the expert work, and with sleeping waits
+    (`dsmoe` sets OMP_WAIT_POLICY=PASSIVE) the ragged loop is as fast as the padded bmm
+    anyway: ragged. One CPU thread: no parallel regions, so the ragged loop wins. CUDA:
+    ragged, whose kernel needs neither padding nor a host sync."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        return False
+    if load_E is None or load_E.numel() == 0:
+        return True
+    return int(load_E.max()) * load_E.numel() <= MAX_PADDING * max(int(load_E.sum()), 1)
 
 
 @dataclass
@@ -218,7 +229,7 @@ class RoutedExperts(nn.Module):
         return self._forward_loop(x_TD, ids_TK, weights_TK)
 
     def _forward_grouped(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        slots = _Slots.plan(ids_TK, load_E, padded=pads_experts(x_TD.device))
+        slots = _Slots.plan(ids_TK, load_E, padded=pads_experts(x_TD.device, load_E))
         x_SD = slots.dispatch(x_TD)
         # w1 and w3 read the same rows: one matmul over their concatenation.
         gate_SF, up_SF = slots.matmul(x_SD, torch.cat([self.w1_EFD, self.w3_EFD], dim=1)).chunk(2, dim=-1)

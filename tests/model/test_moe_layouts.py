@@ -24,7 +24,7 @@ def run(moe: MoE, x: torch.Tensor, impl: str, bias=None):
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "ragged"])
 @pytest.mark.parametrize("case", ["balanced", "idle_experts", "top1"])
 def test_layout_equals_loop(monkeypatch, padded, case):
-    monkeypatch.setattr(moe_module, "pads_experts", lambda device: padded)
+    monkeypatch.setattr(moe_module, "pads_experts", lambda device, load_E=None: padded)
     changes = {"n_activated_experts": 1, "n_limited_groups": 1} if case == "top1" else {}
     args = ModelArgs.from_preset("tiny").replace(**changes)
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_layout_equals_loop(monkeypatch, padded, case):
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "ragged"])
 def test_no_tokens(monkeypatch, padded):
     """Zero rows (an expert-parallel rank may receive none) give zero rows and gradients."""
-    monkeypatch.setattr(moe_module, "pads_experts", lambda device: padded)
+    monkeypatch.setattr(moe_module, "pads_experts", lambda device, load_E=None: padded)
     args = ModelArgs.from_preset("tiny")
     experts = MoE(args).experts
     for p in experts.parameters():
@@ -60,3 +60,16 @@ def test_no_tokens(monkeypatch, padded):
     y.sum().backward()
     assert x.grad.shape == (0, args.dim) and weights.grad.shape == (0, 2)
     assert experts.w1_EFD.grad.abs().sum() == 0
+
+
+def test_padding_only_for_an_even_load(monkeypatch):
+    """Multi-threaded CPU pads only when it adds at most MAX_PADDING - 1 rows; never on one
+    thread or on an accelerator."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert moe_module.pads_experts(cpu, torch.tensor([10, 10, 12, 8]))  # 4 x 12 <= 1.25 x 40
+    assert not moe_module.pads_experts(cpu, torch.tensor([10, 10, 14, 6]))  # 4 x 14 > 50
+    assert not moe_module.pads_experts(cpu, torch.tensor([40, 0, 0, 0]))
+    assert not moe_module.pads_experts(torch.device("meta"), torch.tensor([10, 10, 10, 10]))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not moe_module.pads_experts(cpu, torch.tensor([10, 10, 10, 10]))
