@@ -132,12 +132,7 @@ class ModelArgs:
     # ------------------------------------------------------------- construction
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "ModelArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown ModelArgs field(s) {unknown}; "
-                              f"known fields are {sorted(known)}")
-        return cls(**values)
+        return from_fields(cls, values, source, "ModelArgs field")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
@@ -159,6 +154,16 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+def from_fields(cls, values: dict[str, Any], source: str, what: str):
+    """`cls(**values)` for a dataclass, or a ConfigError naming the unknown fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        noun = what.split()[-1]
+        raise ConfigError(f"{source}: unknown {what}(s) {unknown}; known {noun}s are {sorted(known)}")
+    return cls(**values)
 
 
 def read_json_object(path: str | Path, holds: str) -> dict[str, Any]:

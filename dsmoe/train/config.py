@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsmoe.config import ModelArgs, load_args, read_json_object
+from dsmoe.config import ModelArgs, from_fields, load_args, read_json_object
 from dsmoe.errors import ConfigError
 
 BALANCE_MODES = ("bias", "aux", "none")
@@ -118,12 +118,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ JSON
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "train config") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown training setting(s) {unknown}; "
-                              f"known settings are {sorted(known)}")
-        return cls(**values)
+        return from_fields(cls, values, source, "training setting")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
