@@ -84,7 +84,7 @@ def expert_load_table(model, shards, seq_len: int, n_tokens: int = 4096) -> list
     batches = {d: list(eval_batches(shards, d, 8, seq_len, n_tokens)) for d in shards.domains}
     stats = collect_routing(model, batches)
     lines = [f"{'layer':>5}  {'MaxVio':>7}  {'min load':>8}  {'max load':>8}   (load / mean load, "
-             f"{sum(len(b) for b in batches.values()) * seq_len} validation tokens)"]
+             f"{sum(b.numel() for bs in batches.values() for b in bs)} validation tokens)"]
     for layer, load in zip(stats.layers, stats.load_LE):
         rel = load.double() / load.double().mean()
         lines.append(f"{layer:>5}  {float(rel.max()) - 1:>7.3f}  {float(rel.min()):>8.2f}  "
@@ -93,14 +93,17 @@ def expert_load_table(model, shards, seq_len: int, n_tokens: int = 4096) -> list
 
 
 def samples(hf_dir: Path, max_tokens: int = 40) -> list[str]:
-    """Greedy continuations of one prompt per domain, from the exported model."""
+    """A sampled continuation of one prompt per domain, from the exported model (seeded:
+    the same model gives the same text; greedy decoding of so young a model mostly
+    repeats its most frequent token)."""
     from dsmoe.infer.engine import encode_prompt
     from dsmoe.infer.generate import load_engine
     from dsmoe.infer.sampling import SamplingParams
     engine, tokenizer = load_engine(hf_dir)
     prompts = list(PROMPTS.values())
     requests = engine.generate([encode_prompt(tokenizer, p) for p in prompts],
-                               SamplingParams(max_tokens=max_tokens, temperature=0.0))
+                               SamplingParams(max_tokens=max_tokens, temperature=0.7, top_k=50,
+                                              seed=0))
     return [f"[{domain}] {prompt!r} -> {request.text!r}"
             for (domain, prompt), request in zip(PROMPTS.items(), requests)]
 
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'all':<8} {overall:>9.3f} {entropy:>16.3f}   {overall - entropy:+.2f}   (domains "
           f"weighted by their share of the validation text)")
 
-    print("\nSamples (greedy):")
+    print("\nSamples (temperature 0.7, top-k 50, seeded):")
     for line in samples(result.hf_dir):
         print("  " + line)
 
