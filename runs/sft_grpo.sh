@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# SFT on the built-in demo chats, then GRPO on generated math problems, starting from the
+# `small` model that `make demo` trains. Figures: docs/training-life.md.
+#   runs/sft_grpo.sh [BASE_MODEL_DIR] [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BASE=${1:-out/demo/hf}
+OUT=${2:-out/life}
+DSMOE=".venv/bin/python -m dsmoe"
+$DSMOE sft --model "$BASE" --out "$OUT/sft" --data demo --demo-size 3000 \
+    --steps 300 --batch-size 8 --seq-len 256 --lr 1e-3 --eval-math 200 --max-new-tokens 96
+$DSMOE grpo --model "$OUT/sft" --out "$OUT/grpo" --iterations 30 --prompts 8 --group-size 8 \
+    --max-new-tokens 96 --lr 5e-5 --beta 0.04 --difficulty 1 --eval-problems 200
