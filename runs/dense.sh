@@ -4,6 +4,7 @@
 # MTP is off in both arms so that only the FFN differs.
 source "$(dirname "$0")/lib.sh"
 prepare_data
-train_arm dense/moe '{"n_mtp_layers": 0}' ''
-train_arm dense/dense '{"n_mtp_layers": 0}' '' --dense
-experiment results dense moe dense --out-dir "$OUT" --command "$(settings) runs/dense.sh" --docs "$DOCS"
+arm bias-nomtp
+arm dense-nomtp
+experiment results dense MoE=bias-nomtp dense=dense-nomtp --out-dir "$OUT" \
+  --command "$(settings) runs/dense.sh" --docs "$DOCS"

@@ -33,9 +33,13 @@ from dsmoe.analysis.report import markdown_table
 
 
 
-def _write_json(path: str | Path, data) -> None:
+def _write_text(path: str | Path, text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    Path(path).write_text(text)
+
+
+def _write_json(path: str | Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _read_json(path: Path):
@@ -193,50 +197,48 @@ def _run_settings(run: Path) -> str:
             f"{steps[-1]['tokens']:,} training tokens per arm ({seconds / 60:.1f} min of training steps for this arm)")
 
 
-def results_balance(out: Path, arms: list[str]) -> list[str]:
+def results_balance(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
     rows = []
-    for arm in arms:
-        run, report = out / "balance" / arm, _read_json(out / "balance" / arm / "report" / "report.json")["routing"]
+    for label, run in arms:
+        report = _read_json(run / "report" / "report.json")["routing"]
         tail = _steps(run)[-max(1, len(_steps(run)) // 5):]  # the last fifth of training
-        rows.append([arm, f"{_mean(_val(run).values()):.4f}", f"{_mean(report['maxvio']):.3f}",
+        rows.append([label, f"{_mean(_val(run).values()):.4f}", f"{_mean(report['maxvio']):.3f}",
                      f"{max(report['maxvio']):.3f}", f"{_mean(_mean(m['maxvio']) for m in tail):.3f}",
                      f"{_mean(report['mutual_information_bits']):.3f}"])
     return markdown_table(["balancing", "val loss (mean over domains, nats)", "MaxVio on val, mean over layers",
                            "MaxVio on val, worst layer", "MaxVio per training batch, last 20% of steps",
-                           "I(domain; expert), bits, mean over layers"], rows) + ["", _run_settings(out / "balance" / arms[0])]
+                           "I(domain; expert), bits, mean over layers"], rows) + ["", _run_settings(arms[0][1])]
 
 
-def results_dense(out: Path, arms: list[str]) -> list[str]:
+def results_dense(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
     from dsmoe.analysis.flops import count_params, flops_per_token
     from dsmoe.config import ModelArgs
 
     rows = []
-    for arm in arms:
-        run = out / "dense" / arm
+    for label, run in arms:
         record = _read_json(run / "run.json")
         args = ModelArgs.from_dict(record["model"])
         p, val = count_params(args), _val(run)
-        rows.append([arm, f"{p.total:,}", f"{p.activated:,}", f"{flops_per_token(args, record['train']['seq_len']).training:,}",
+        rows.append([label, f"{p.total:,}", f"{p.activated:,}", f"{flops_per_token(args, record['train']['seq_len']).training:,}",
                      f"{_mean(val.values()):.4f}", ", ".join(f"{d} {v:.3f}" for d, v in val.items())])
     return markdown_table(["model", "parameters", "activated per token", "training FLOPs per token",
-                           "val loss (mean, nats)", "val loss per domain"], rows) + ["", _run_settings(out / "dense" / arms[0])]
+                           "val loss (mean, nats)", "val loss per domain"], rows) + ["", _run_settings(arms[0][1])]
 
 
-def results_mtp(out: Path, arms: list[str]) -> list[str]:
+def results_mtp(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
     rows = []
-    for arm in arms:
-        run = out / "mtp" / arm
+    for label, run in arms:
         acc_path = run / "acceptance.json"
         acc = _read_json(acc_path) if acc_path.is_file() else None
-        rows.append([arm, f"{_mean(_val(run).values()):.4f}",
+        rows.append([label, f"{_mean(_val(run).values()):.4f}",
                      f"{acc['acceptance']:.3f} ({acc['accepted']:,} of {acc['drafted']:,} drafts)" if acc else "n/a (no MTP module)",
                      f"{1 + acc['acceptance']:.2f}" if acc else "1 (plain decoding)"])
     return markdown_table(["MTP", "main-head val loss (mean over domains, nats)", "greedy draft acceptance",
-                           "tokens per main-model pass (1 + acceptance)"], rows) + ["", _run_settings(out / "mtp" / arms[0])]
+                           "tokens per main-model pass (1 + acceptance)"], rows) + ["", _run_settings(arms[0][1])]
 
 
-def results_yarn(out: Path, arms: list[str]) -> list[str]:
-    loaded = [(arm, _read_json(out / "yarn" / f"{arm}.json")) for arm in arms]
+def results_yarn(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
+    loaded = [(label, _read_json(out / "yarn" / f"{name.name}.json")) for label, name in arms]
     buckets = loaded[0][1]["buckets"]
     header = ["model"] + [f"positions {b[0]}-{b[1] - 1}" for b in buckets]
     rows = [[arm] + [f"{math.exp(b[2]):.1f}" for b in data["buckets"]] for arm, data in loaded]
@@ -244,15 +246,22 @@ def results_yarn(out: Path, arms: list[str]) -> list[str]:
                                    f"positions, over {loaded[0][1]['windows']} validation windows)"]
 
 
+def _arm(out: Path, spec: str) -> tuple[str, Path]:
+    """LABEL=NAME (or NAME alone): a table row's label and the run directory out/arms/NAME."""
+    label, _, name = spec.rpartition("=")
+    return label or name, out / "arms" / name
+
+
 RESULTS = {"balance": results_balance, "dense": results_dense, "mtp": results_mtp, "yarn": results_yarn}
 
 
 def cmd_results(a) -> None:
-    lines = RESULTS[a.experiment](Path(a.out_dir), a.arms)
+    out = Path(a.out_dir)
+    lines = RESULTS[a.experiment](out, [_arm(out, spec) for spec in a.arms])
     lines += ["", f"Measured with `{a.command}` on {platform.machine()} "
               f"({torch.get_num_threads()} torch threads, torch {torch.__version__})."]
     block = "\n".join(lines)
-    (Path(a.out_dir) / a.experiment / "results.md").write_text(block + "\n")
+    _write_text(out / "results" / f"{a.experiment}.md", block + "\n")
     docs = Path(a.docs)
     text = docs.read_text()
     pattern = re.compile(rf"(<!-- results: {a.experiment} -->\n).*?(\n<!-- /results: {a.experiment} -->)", re.S)
@@ -299,7 +308,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p = command("results", cmd_results, "write an experiment's results table into docs/experiments.md", False)
     p.add_argument("experiment", choices=sorted(RESULTS))
-    p.add_argument("arms", nargs="+")
+    p.add_argument("arms", nargs="+", help="LABEL=NAME per row: NAME is the arm (runs/out/arms/NAME)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--command", required=True, help="the command that ran the experiment")
     p.add_argument("--docs", required=True, help="the Markdown file holding the results blocks")

@@ -17,11 +17,12 @@ BATCH=${BATCH:-8}
 SEQ=${SEQ:-128}
 THREADS=${THREADS:-0}            # torch CPU threads; 0: torch's default
 EVAL_BATCHES=${EVAL_BATCHES:-8}  # validation batches per domain (BATCH x SEQ tokens each)
+GAMMA=${GAMMA:-0.01}              # bias update speed: DeepSeek's 0.001 barely moves the bias in a few hundred steps
 REPORT_TOKENS=${REPORT_TOKENS:-8192}
 DOCS=${DOCS:-docs/experiments.md} # where the results tables go (a smoke test points it elsewhere)
 
 dsmoe() { "$PY" -m dsmoe "$@"; }
-settings() { echo "PRESET=$PRESET STEPS=$STEPS BATCH=$BATCH SEQ=$SEQ"; }  # for the results' command line
+settings() { echo "PRESET=$PRESET STEPS=$STEPS BATCH=$BATCH SEQ=$SEQ GAMMA=$GAMMA"; }  # for the results' command line
 experiment() { "$PY" runs/experiment.py "$@"; }
 
 prepare_data() {
@@ -33,21 +34,35 @@ train_settings() {
   local extra=${1:-}
   echo "{\"steps\": $STEPS, \"batch_size\": $BATCH, \"seq_len\": $SEQ, \"seed\": 0,
          \"warmup_steps\": $(( STEPS / 10 > 0 ? STEPS / 10 : 1 )), \"eval_interval\": 0,
-         \"eval_batches\": $EVAL_BATCHES, \"ckpt_interval\": 0, \"threads\": $THREADS${extra:+, $extra}}"
+         \"eval_batches\": $EVAL_BATCHES, \"ckpt_interval\": 0, \"gamma\": $GAMMA, \"threads\": $THREADS${extra:+, $extra}}"
 }
 
-# train_arm NAME MODEL_OVERRIDES TRAIN_EXTRA [--dense]: config then `dsmoe train`, skipped when done.
+# train_arm NAME MODEL_OVERRIDES TRAIN_EXTRA [--dense]: config then `dsmoe train` into
+# $OUT/arms/NAME, skipped when done.
 train_arm() {
   local name=$1 model=$2 extra=$3; shift 3
-  local run=$OUT/$name
+  local run=$OUT/arms/$name
   if [ -f "$run/hf/config.json" ]; then echo "$run: already trained"; return; fi
   rm -rf "$run"
   experiment config --preset "$PRESET" --model "$model" --train "$(train_settings "$extra")" \
-    --out "$OUT/$name.json" "$@"
-  dsmoe train --config "$OUT/$name.json" --data "$DATA" --out "$run" --no-progress
+    --out "$OUT/arms/$name.json" "$@"
+  dsmoe train --config "$OUT/arms/$name.json" --data "$DATA" --out "$run" --no-progress
+}
+
+# arm NAME: train one of the arms the experiments share, by name; two experiments that use
+# the same arm (the V3 recipe is the bias arm of (a) and the MTP arm of (c)) train it once.
+arm() {
+  case $1 in
+    bias-mtp)    train_arm "$1" '{"n_mtp_layers": 1}' '"balance": "bias", "mtp_lambda": 0.3' ;;
+    aux-mtp)     train_arm "$1" '{"n_mtp_layers": 1}' '"balance": "aux", "mtp_lambda": 0.3' ;;
+    none-mtp)    train_arm "$1" '{"n_mtp_layers": 1}' '"balance": "none", "mtp_lambda": 0.3' ;;
+    bias-nomtp)  train_arm "$1" '{"n_mtp_layers": 0}' '"balance": "bias"' ;;
+    dense-nomtp) train_arm "$1" '{"n_mtp_layers": 0}' '' --dense ;;
+    *) echo "unknown arm $1" >&2; return 1 ;;
+  esac
 }
 
 report_arm() {
-  dsmoe report --model "$OUT/$1/hf" --data "$DATA" --out "$OUT/$1/report" \
-    --seq-len "$SEQ" --tokens-per-domain "$REPORT_TOKENS"
+  [ -f "$OUT/arms/$1/report/report.json" ] || dsmoe report --model "$OUT/arms/$1/hf" --data "$DATA" \
+    --out "$OUT/arms/$1/report" --seq-len "$SEQ" --tokens-per-domain "$REPORT_TOKENS"
 }

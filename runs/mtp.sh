@@ -3,7 +3,9 @@
 # head's validation loss, and how often greedy self-speculative decoding accepts the draft.
 source "$(dirname "$0")/lib.sh"
 prepare_data
-train_arm mtp/mtp '{"n_mtp_layers": 1}' '"mtp_lambda": 0.3'
-train_arm mtp/nomtp '{"n_mtp_layers": 0}' ''
-experiment acceptance --model "$OUT/mtp/mtp/hf" --data "$DATA" --out "$OUT/mtp/mtp/acceptance.json"
-experiment results mtp mtp nomtp --out-dir "$OUT" --command "$(settings) runs/mtp.sh" --docs "$DOCS"
+arm bias-mtp
+arm bias-nomtp
+[ -f "$OUT/arms/bias-mtp/acceptance.json" ] || experiment acceptance --model "$OUT/arms/bias-mtp/hf" \
+  --data "$DATA" --out "$OUT/arms/bias-mtp/acceptance.json"
+experiment results mtp "MTP on=bias-mtp" "MTP off=bias-nomtp" --out-dir "$OUT" \
+  --command "$(settings) runs/mtp.sh" --docs "$DOCS"
