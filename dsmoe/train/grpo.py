@@ -21,8 +21,10 @@ whose completions all score the same carry no signal (A = 0) and are counted in 
 Std is the unbiased sample std over the group, as TRL and DeepSeekMath's code compute it.
 
 Logged per iteration: mean reward, verifier accuracy, KL to the reference, mean response
-length, clipped share, groups without signal. Before and after training, greedy accuracy
-on held-out problems (mathgen's test split) is measured and written to the report.
+length, clipped share, groups without signal. Before and after training, accuracy on
+held-out problems (mathgen's test split) is measured greedily and as the policy samples
+(several draws per problem at the rollout temperature, with the same seeds before and
+after) and written to the report.
 Not here: a value model (PPO), process rewards, or asynchronous rollouts; rollouts and
 updates alternate on one device.
 """
@@ -118,7 +120,8 @@ class GRPOConfig:
     clip: float = 1.0  # max gradient norm
     difficulty: int | None = 1  # mathgen difficulty (None: mixed 1-4)
     kinds: tuple[str, ...] | None = None  # mathgen problem kinds (None: all)
-    eval_problems: int = 100  # held-out problems, greedy, before and after
+    eval_problems: int = 100  # held-out problems, before and after
+    eval_samples: int = 4  # sampled completions per held-out problem (0: greedy only)
     seed: int = 0
 
     def validate(self) -> "GRPOConfig":
@@ -144,6 +147,8 @@ class GRPOConfig:
             fail("kinds", f"must name problem kinds among {mathgen.KINDS}")
         if self.eval_problems < 0:
             fail("eval_problems", "must be non-negative")
+        if self.eval_samples < 0:
+            fail("eval_samples", "must be non-negative")
         return self
 
     def train_config(self, device: str = "auto", threads: int = 0) -> TrainConfig:
@@ -183,18 +188,45 @@ def sample(engine, prompts: list[list[int]], max_new_tokens: int, temperature: f
 
 
 def math_accuracy(model, tokenizer, problems: list[mathgen.MathProblem], max_new_tokens: int,
-                  batch: int = 32, engine=None) -> dict[str, float]:
-    """Greedy accuracy (exact answer) and mean completion length on `problems`."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+                  batch: int = 32, engine=None, temperature: float = 0.0, samples: int = 1,
+                  seed: int = 0) -> dict[str, float]:
+    """Exact-answer accuracy and mean completion length on `problems`: greedy, or the mean
+    over `samples` completions per problem at `temperature`. Sample j of problem i always
+    uses the same seed, so two models compared on the same problems draw with the same
+    random numbers (a paired comparison, with less noise than independent draws)."""
+    prompts = [prompt_ids(tokenizer, p) for p in problems for _ in range(samples)]
+    answers = [p.answer for p in problems for _ in range(samples)]
+    seeds = None if temperature == 0 else [seed * 1_000_003 + i for i in range(len(prompts))]
     engine = engine or make_engine(model, tokenizer, batch, max(map(len, prompts)) + max_new_tokens)
     correct, lengths = 0, 0
-    for i in range(0, len(problems), batch):
-        reqs = sample(engine, prompts[i:i + batch], max_new_tokens, 0.0, None, stop_ids(tokenizer))
-        for req, problem in zip(reqs, problems[i:i + batch]):
-            correct += math_reward(req.text, problem.answer) > 0
+    for i in range(0, len(prompts), batch):
+        reqs = sample(engine, prompts[i:i + batch], max_new_tokens, temperature,
+                      None if seeds is None else seeds[i:i + batch], stop_ids(tokenizer))
+        for req, answer in zip(reqs, answers[i:i + batch]):
+            correct += math_reward(req.text, answer) > 0
             lengths += len(req.output_ids)
-    n = max(len(problems), 1)
-    return {"accuracy": correct / n, "mean_length": lengths / n, "problems": len(problems)}
+    n = max(len(prompts), 1)
+    return {"accuracy": correct / n, "mean_length": lengths / n, "problems": len(problems),
+            "samples": samples, "temperature": temperature}
+
+
+def held_out_accuracy(model, tokenizer, problems, cfg: "GRPOConfig", engine) -> dict[str, dict]:
+    """Greedy accuracy, and the policy's own: `eval_samples` draws per problem at the
+    rollout temperature (what GRPO maximises)."""
+    result = {"greedy": math_accuracy(model, tokenizer, problems, cfg.max_new_tokens, engine=engine)}
+    if cfg.eval_samples:
+        result["sampled"] = math_accuracy(model, tokenizer, problems, cfg.max_new_tokens, engine=engine,
+                                          temperature=cfg.temperature, samples=cfg.eval_samples,
+                                          seed=cfg.seed)
+    return result
+
+
+def _describe(acc: dict[str, dict]) -> str:
+    text = f"greedy {acc['greedy']['accuracy']:.3f}"
+    if "sampled" in acc:
+        s = acc["sampled"]
+        text += f", sampled {s['accuracy']:.3f} ({s['samples']} per problem at T={s['temperature']})"
+    return text + f"; mean length {acc['greedy']['mean_length']:.1f} tokens"
 
 
 def held_out_problems(n: int, seed: int = 0, difficulty: int | None = 1,
@@ -216,10 +248,12 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad
     return tokens, mask
 
 
-def sequence_logprobs(model, tokens_BT: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model, tokens_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(t_{i+1} | t_≤i) at every position, π being the distribution rollouts sample
+    from: the model's softmax at `temperature`."""
     with autocast(tokens_BT.device):
         logits = model(tokens_BT[:, :-1])
-    return token_logprobs(logits, tokens_BT[:, 1:])
+    return token_logprobs(logits.float() / temperature, tokens_BT[:, 1:])
 
 
 def policy_update(model, ref_model, optimizer, tokens_BT, mask_BT, adv_B, cfg: GRPOConfig,
@@ -231,11 +265,11 @@ def policy_update(model, ref_model, optimizer, tokens_BT, mask_BT, adv_B, cfg: G
         sl = slice(i, i + cfg.micro_batch)
         last = int(mask_BT[sl].any(0).nonzero().max())  # the last position with a target
         tokens, mask = tokens_BT[sl, :last + 2], mask_BT[sl, :last + 1]  # trailing padding cut
-        logp = sequence_logprobs(model, tokens)
+        logp = sequence_logprobs(model, tokens, cfg.temperature)
         ref = None
         if cfg.beta:
             with torch.no_grad():
-                ref = sequence_logprobs(ref_model, tokens)
+                ref = sequence_logprobs(ref_model, tokens, cfg.temperature)
         old = logp.detach() if old_logp_BT is None else old_logp_BT[sl][:, :logp.shape[1]]
         loss, s = grpo_loss(logp, old, ref, adv_B[sl], mask, cfg.clip_eps, cfg.beta, n_sequences=B)
         if not math.isfinite(float(loss.detach())):
@@ -266,10 +300,9 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     max_len = model.args.max_seq_len
     engine = make_engine(model, tokenizer, max(cfg.prompts * cfg.group_size, 32), max_len)
-    before = math_accuracy(model, tokenizer, held_out, cfg.max_new_tokens, engine=engine) if held_out else {}
+    before = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
     if held_out:
-        log(f"held-out accuracy before: {before['accuracy']:.3f} on {len(held_out)} problems "
-            f"(mean length {before['mean_length']:.1f} tokens)")
+        log(f"held-out accuracy before, {len(held_out)} problems: {_describe(before)}")
     ref_model = None
     if cfg.beta:
         ref_model = copy.deepcopy(model).eval()
@@ -304,7 +337,7 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
         old = None
         if cfg.updates > 1:
             with torch.no_grad():
-                old = torch.cat([sequence_logprobs(model, tokens[i:i + cfg.micro_batch])
+                old = torch.cat([sequence_logprobs(model, tokens[i:i + cfg.micro_batch], cfg.temperature)
                                  for i in range(0, tokens.shape[0], cfg.micro_batch)])
         for _ in range(cfg.updates):
             set_lr(optimizer, lr_at(step, device_cfg))
@@ -322,10 +355,9 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
             f"no-signal groups {record['groups_without_signal']}/{cfg.prompts} "
             f"({record['seconds']:.1f}s)")
     model.eval()
-    after = math_accuracy(model, tokenizer, held_out, cfg.max_new_tokens, engine=engine) if held_out else {}
+    after = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
     if held_out:
-        log(f"held-out accuracy after: {after['accuracy']:.3f} (before {before['accuracy']:.3f}); "
-            f"mean length {after['mean_length']:.1f} tokens")
+        log(f"held-out accuracy after: {_describe(after)}")
     return records, {"before": before, "after": after}
 
 
@@ -355,6 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated problem kinds (default: all of {', '.join(mathgen.KINDS)})")
     parser.add_argument("--eval-problems", type=int, default=d.eval_problems,
                         help=f"held-out problems for accuracy before/after (default {d.eval_problems})")
+    parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                        help="sampled completions per held-out problem at --temperature, besides "
+                             f"greedy (default {d.eval_samples}; 0: greedy only)")
     parser.add_argument("--reward-fn", metavar="FILE.py:NAME",
                         help="a Python reward function instead of the exact-answer verifier; "
                              "called as fn(prompt=..., completion=..., answer=..., question=..., "
@@ -370,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      clip_eps=args.clip_eps, beta=args.beta, lr=args.lr,
                      difficulty=args.difficulty or None, eval_problems=args.eval_problems,
+                     eval_samples=args.eval_samples,
                      kinds=tuple(args.kinds.split(",")) if args.kinds else None,
                      seed=args.seed).validate()
     reward = RewardFn.from_spec(args.reward_fn)  # a broken function fails here, before any work

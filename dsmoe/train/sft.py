@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 
+from dsmoe.data import mathgen
 from dsmoe.errors import ConfigError
 from dsmoe.train.chat_data import DEMO
 from dsmoe.train.finetune import (add_arguments_common, check_out, eval_batches, eval_loss, finetune,
@@ -37,20 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-math", type=int, default=50, metavar="N",
                         help="held-out math problems for greedy accuracy before/after (0: skip)")
     parser.add_argument("--math-difficulty", type=int, default=1,
-                        help="mathgen difficulty of those problems (0: mixed)")
+                        help="mathgen difficulty of the demo set's math chats and of the "
+                             "held-out problems (default 1; 0: mixed 1-4)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.eval_math < 0 or args.demo_size < 1:
         raise ConfigError("--eval-math must be >= 0 and --demo-size >= 1")
+    if args.math_difficulty not in (0, *mathgen.DIFFICULTIES):
+        raise ConfigError(f"--math-difficulty {args.math_difficulty}: choose 0 (mixed) or one of "
+                          f"{mathgen.DIFFICULTIES}")
     out = check_out(args.out)
     device = prepare_run(args.device, args.threads, args.seed)
     model, tokenizer = load_model(args.model, device)
     cfg = train_config(args, model.args, balance="bias")
     seq_len = cfg.seq_len
     task = load_task(args.data, tokenizer, seq_len, n_demo=args.demo_size, seed=args.seed,
-                     chat_only=True)
+                     chat_only=True, math_difficulty=args.math_difficulty or None)
     pad_id = tokenizer.pad_id or 0
     stream = PackedStream(task.train, seq_len, cfg.batch_size, cfg.seed, pad_id)
     held_out = eval_batches(task.val, seq_len, cfg.batch_size, pad_id)
@@ -81,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
 def _describe(m: dict) -> str:
     text = f"held-out chat loss {m['held_out_loss']:.4f}"
     if "math" in m:
-        text += f", math accuracy {m['math']['accuracy']:.3f} on {m['math']['problems']} problems"
+        text += f", greedy math accuracy {m['math']['accuracy']:.3f} on {m['math']['problems']} problems"
     return text

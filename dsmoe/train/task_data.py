@@ -82,13 +82,15 @@ def _split(items: list, texts: list[str], seed: int) -> tuple[list, list]:
 
 def load_task(spec: str, tokenizer, seq_len: int, *, n_demo: int = 2000, seed: int = 0,
               corpus_chars: int = DEFAULT_MAX_CHARS_PER_DOMAIN, train: bool = True,
-              chat_only: bool = False) -> TaskData:
+              chat_only: bool = False, math_difficulty: int | None = None) -> TaskData:
     """The examples a spec names (see the module note); `train=False` skips the training
-    split (evaluation-only domains), `chat_only` refuses anything but chats (SFT)."""
+    split (evaluation-only domains), `chat_only` refuses anything but chats (SFT),
+    `math_difficulty` sets the demo set's math problems (None: mixed 1-4)."""
     spec = str(spec)
     if spec in DEMO_SPECS:
-        train_chats = demo_chats(n_demo, "train", seed, DEMO_SPECS[spec]) if train else []
-        val_chats = demo_chats(max(16, n_demo // 20), "val", seed, DEMO_SPECS[spec])
+        share = DEMO_SPECS[spec]
+        train_chats = demo_chats(n_demo, "train", seed, share, math_difficulty) if train else []
+        val_chats = demo_chats(max(16, n_demo // 20), "val", seed, share, math_difficulty)
         return TaskData(spec, "chat", encode_chats(tokenizer, train_chats),
                         encode_chats(tokenizer, val_chats))
     path = Path(spec)

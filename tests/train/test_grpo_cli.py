@@ -10,7 +10,7 @@ from dsmoe.interop.hf import load_model_dir
 pytestmark = pytest.mark.slow  # end to end: a model loaded, trained and saved
 
 ARGS = ["--iterations", "2", "--prompts", "2", "--group-size", "3", "--max-new-tokens", "6",
-        "--eval-problems", "2", "--micro-batch", "4", "--lr", "1e-3"]
+        "--eval-problems", "2", "--eval-samples", "2", "--micro-batch", "4", "--lr", "1e-3"]
 
 
 def test_grpo_logs_every_iteration_and_reports_held_out_accuracy(tiny_model_dir, tmp_path):
@@ -23,7 +23,10 @@ def test_grpo_logs_every_iteration_and_reports_held_out_accuracy(tiny_model_dir,
         assert r["groups_without_signal"] <= 2
     report = json.loads((out / "training_report.json").read_text())
     assert report["reward"] == "math verifier"
-    assert report["held_out"]["before"]["problems"] == 2 == report["held_out"]["after"]["problems"]
+    for when in ("before", "after"):
+        greedy, sampled = report["held_out"][when]["greedy"], report["held_out"][when]["sampled"]
+        assert greedy["problems"] == 2 == sampled["problems"] and sampled["samples"] == 2
+        assert 0 <= sampled["accuracy"] <= 1 and sampled["temperature"] == 1.0
     assert load_model_dir(out)[0].args == load_model_dir(tiny_model_dir)[0].args
 
 
