@@ -35,12 +35,11 @@ import torch
 
 from dsmoe.device import autocast
 from dsmoe.errors import ConfigError, DataError, DsmoeError
-from dsmoe.train.finetune import (add_arguments_common, check_out, eval_batches, eval_losses, finetune,
-                                  format_losses, load_model, prepare_run, save_model_dir,
-                                  train_config)
+from dsmoe.train.finetune import (add_arguments_common, eval_batches, eval_losses, finetune, format_losses,
+                                  save_model_dir)
 from dsmoe.train.freeze import RowFreeze, count_trainable, freeze_all_but
-from dsmoe.train.packing import PAD_SEGMENT, PackedBatch, PackedStream
-from dsmoe.train.task_data import task_and_evals
+from dsmoe.train.packing import PAD_SEGMENT, PackedBatch
+from dsmoe.train.task_data import start_task_run
 
 SCORES = ("gate", "token")
 EXPERT_WEIGHTS = ("w1_EFD", "w3_EFD", "w2_EDF")
@@ -146,14 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.share <= 1:
         raise ConfigError(f"--share {args.share} selects no expert: give a share in (0, 1]")
-    out = check_out(args.out)
-    device = prepare_run(args.device, args.threads, args.seed)
-    model, tokenizer = load_model(args.model, device)
-    cfg = train_config(args, model.args, balance="none")  # the router is frozen
-    seq_len, pad_id = cfg.seq_len, tokenizer.pad_id or 0
-    task, evals = task_and_evals(args.task, "task", args.eval_domains, tokenizer, cfg,
-                                 args.eval_rows, args.corpus_chars)
-    affinity_sample = eval_batches(task.train, seq_len, cfg.batch_size, pad_id, args.affinity_rows)
+    run = start_task_run(args, args.task, "task", balance="none")  # the router is frozen
+    model, cfg, evals = run.model, run.cfg, run.evals
+    affinity_sample = eval_batches(run.task.train, cfg.seq_len, cfg.batch_size, run.pad_id, args.affinity_rows)
 
     base = eval_losses(model, evals)
     print("start: " + format_losses(base))
@@ -167,14 +161,13 @@ def run(args: argparse.Namespace) -> int:
           f"({', '.join(str(len(s)) for s in selection)}); {trained:,} of {total:,} parameters "
           f"({trained / total:.2%}) train")
     t0 = time.perf_counter()
-    records = finetune(model, PackedStream(task.train, seq_len, cfg.batch_size, cfg.seed, pad_id),
-                       cfg, freeze=freeze)
+    records = finetune(model, run.stream(), cfg, freeze=freeze)
     results = {"esft": {"losses": eval_losses(model, evals), "trainable": trained,
                         "trainable_fraction": trained / total, "seconds": time.perf_counter() - t0}}
     print("esft: " + format_losses(results["esft"]["losses"]))
     if full_model is not None:
         t0 = time.perf_counter()
-        finetune(full_model, PackedStream(task.train, seq_len, cfg.batch_size, cfg.seed, pad_id), cfg)
+        finetune(full_model, run.stream(), cfg)
         full_trained, _ = count_trainable(full_model)
         results["full"] = {"losses": eval_losses(full_model, evals), "trainable": full_trained,
                            "trainable_fraction": full_trained / total,
@@ -187,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
               "affinity": {k: v.tolist() for k, v in affinity.items()},
               "start": {"losses": base}, **results, "parameters": total,
               "gain": {name: {d: base[d] - r["losses"][d] for d in base} for name, r in results.items()}}
-    save_model_dir(model, tokenizer, out, report, records)
-    print(f"wrote {out}")
+    save_model_dir(model, run.tokenizer, run.out, report, records)
+    print(f"wrote {run.out}")
     return 0
 

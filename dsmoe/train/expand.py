@@ -48,12 +48,10 @@ from dsmoe.config import ModelArgs
 from dsmoe.errors import ConfigError
 from dsmoe.model import Transformer
 from dsmoe.train.esft import EXPERT_WEIGHTS, expert_affinity, main_moe_blocks
-from dsmoe.train.finetune import (add_arguments_common, check_out, eval_batches, eval_losses, finetune,
-                                  format_losses, load_model, prepare_run, save_model_dir,
-                                  train_config)
+from dsmoe.train.finetune import (add_arguments_common, eval_batches, eval_losses, finetune, format_losses,
+                                  save_model_dir)
 from dsmoe.train.freeze import RowFreeze, count_trainable, freeze_all_but
-from dsmoe.train.packing import PackedStream
-from dsmoe.train.task_data import task_and_evals
+from dsmoe.train.task_data import start_task_run
 
 INITS = ("copy", "fresh")
 
@@ -193,30 +191,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = check_out(args.out)
-    device = prepare_run(args.device, args.threads, args.seed)
-    model, tokenizer = load_model(args.model, device)
-    ExpansionPlan(model.args, args.add)  # a broken expansion fails before the data is read
-    cfg = train_config(args, model.args, balance="bias", gamma=args.gamma)
-    seq_len, pad_id = cfg.seq_len, tokenizer.pad_id or 0
-    task, evals = task_and_evals(args.data, "new", args.eval_domains, tokenizer, cfg,
-                                 args.eval_rows, args.corpus_chars)
-    sample = eval_batches(task.train, seq_len, cfg.batch_size, pad_id, args.eval_rows)
+    run = start_task_run(args, args.data, "new", balance="bias", gamma=args.gamma,
+                         # a broken expansion fails before the data is read
+                         check_model=lambda model: ExpansionPlan(model.args, args.add))
+    model, cfg, evals = run.model, run.cfg, run.evals
+    sample = eval_batches(run.task.train, cfg.seq_len, cfg.batch_size, run.pad_id, args.eval_rows)
 
     before = eval_losses(model, evals)
     print("before expansion: " + format_losses(before))
     ranking = expert_affinity(model, sample)["token"] if args.init == "copy" else None
     compare_model = copy.deepcopy(model) if args.compare else None
     expanded, plan = expand_model(model, args.add, args.init, args.noise, args.seed, ranking)
-    del model
+    del model, run.model  # the expanded copy replaces it
     expanded_losses = eval_losses(expanded, evals)
     share_before = {d: new_expert_share(expanded, b, plan) for d, b in evals.items()}
     print(f"expanded to {plan.new_args.n_routed_experts} experts per layer: " + format_losses(expanded_losses))
     freeze = None if args.train_old else freeze_old(expanded, plan)
     trained, total = count_trainable(expanded, freeze)
     print(f"training {trained:,} of {total:,} parameters ({trained / total:.2%})")
-    records = finetune(expanded, PackedStream(task.train, seq_len, cfg.batch_size, cfg.seed, pad_id),
-                       cfg, freeze=freeze)
+    records = finetune(expanded, run.stream(), cfg, freeze=freeze)
     after = eval_losses(expanded, evals)
     share_after = {d: new_expert_share(expanded, b, plan) for d, b in evals.items()}
     print("after training: " + format_losses(after))
@@ -229,13 +222,13 @@ def run(args: argparse.Namespace) -> int:
               "change": {d: after[d] - before[d] for d in before},
               "new_expert_share": {"expanded": share_before, "after": share_after}}
     if compare_model is not None:
-        finetune(compare_model, PackedStream(task.train, seq_len, cfg.batch_size, cfg.seed, pad_id), cfg)
+        finetune(compare_model, run.stream(), cfg)
         report["without_expansion"] = {"losses": eval_losses(compare_model, evals)}
         report["without_expansion"]["change"] = {d: report["without_expansion"]["losses"][d] - before[d]
                                                  for d in before}
         print("same training without expansion: " + format_losses(report["without_expansion"]["losses"]))
     expanded.requires_grad_(True)
-    save_model_dir(expanded, tokenizer, out, report, records)
-    print(f"wrote {out}")
+    save_model_dir(expanded, run.tokenizer, run.out, report, records)
+    print(f"wrote {run.out}")
     return 0
 

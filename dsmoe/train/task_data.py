@@ -23,14 +23,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from dsmoe.data.corpus import DEFAULT_MAX_CHARS_PER_DOMAIN, DOMAINS, iter_default_corpus
 from dsmoe.data.prepare import DEFAULT_VAL_FRACTION, load_documents
 from dsmoe.data.shards import validation_mask
 from dsmoe.errors import DataError
 from dsmoe.train.chat_data import DEMO, demo_chats, encode_chats, load_chats
-from dsmoe.train.finetune import eval_batches
-from dsmoe.train.packing import Example, PackedBatch
+from dsmoe.train.finetune import check_out, eval_batches, load_model, prepare_run, train_config
+from dsmoe.train.packing import Example, PackedBatch, PackedStream
 
 DEMO_SPECS = {DEMO: 0.7, f"{DEMO}-math": 1.0}  # spec -> share of math chats
 
@@ -123,18 +124,45 @@ def parse_domains(value: str | None, exclude: str | None = None) -> list[str]:
     return [n for n in names if n != exclude]
 
 
-def task_and_evals(spec: str, label: str, eval_domains: str | None, tokenizer, cfg,
-                   eval_rows: int, corpus_chars: int | None = None
-                   ) -> tuple[TaskData, dict[str, list[PackedBatch]]]:
-    """The task's data, and held-out batches (`eval_rows` rows each) of the task (under
-    `label`) and of every other domain named by `eval_domains` (ESFT, expansion)."""
-    corpus = {"corpus_chars": corpus_chars} if corpus_chars else {}
+@dataclass
+class TaskRun:
+    """A fine-tuning run on one task, scored on held-out batches of the task and of other
+    domains: what `dsmoe esft` and `dsmoe expand` start from."""
+    out: Path
+    model: Any
+    tokenizer: Any
+    cfg: Any  # TrainConfig
+    task: TaskData
+    evals: dict[str, list[PackedBatch]]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id or 0
+
+    def stream(self) -> PackedStream:
+        """The task's training rows, in the same order for every model the run trains."""
+        return PackedStream(self.task.train, self.cfg.seq_len, self.cfg.batch_size, self.cfg.seed, self.pad_id)
+
+
+def start_task_run(args, spec: str, label: str, check_model: Callable[[Any], None] = lambda model: None,
+                   **settings: Any) -> TaskRun:
+    """Output folder checked, device and seed set, model loaded (and checked by
+    `check_model` before any data is read), training settings from `args` and `settings`,
+    then the task's data and held-out batches (`args.eval_rows` rows each) of the task
+    (under `label`) and of every other domain `args.eval_domains` names."""
+    out = check_out(args.out)
+    device = prepare_run(args.device, args.threads, args.seed)
+    model, tokenizer = load_model(args.model, device)
+    check_model(model)
+    cfg = train_config(args, model.args, **settings)
+    corpus = {"corpus_chars": args.corpus_chars} if args.corpus_chars else {}
     task = load_task(spec, tokenizer, cfg.seq_len, seed=cfg.seed, **corpus)
     if not task.train:
         raise DataError(f"{spec} has no training examples")
     sets = {label: task.val}
     sets.update({d: load_task(d, tokenizer, cfg.seq_len, seed=cfg.seed, train=False, **corpus).val
-                 for d in parse_domains(eval_domains, exclude=spec)})
+                 for d in parse_domains(args.eval_domains, exclude=spec)})
     pad_id = tokenizer.pad_id or 0
-    return task, {name: eval_batches(examples, cfg.seq_len, cfg.batch_size, pad_id, eval_rows)
-                  for name, examples in sets.items()}
+    evals = {name: eval_batches(examples, cfg.seq_len, cfg.batch_size, pad_id, args.eval_rows)
+             for name, examples in sets.items()}
+    return TaskRun(out, model, tokenizer, cfg, task, evals)
