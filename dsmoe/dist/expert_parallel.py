@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# _Slots is the single-device dispatch/combine (gathers only): reused, not rewritten.
-from dsmoe.model.moe import RoutedExperts, _Slots
+# ExpertSlots is the single-device dispatch/combine (gathers only): reused, not rewritten.
+from dsmoe.model.moe import RoutedExperts, ExpertSlots
 
 
 WEIGHTS = ("w1_EFD", "w3_EFD", "w2_EDF")
@@ -65,7 +65,7 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 @dataclass
 class _Plan:
     """Where this rank's pairs went and what it received, for the way back."""
-    slots: _Slots  # this rank's pairs in expert order (the single-device ragged layout)
+    slots: ExpertSlots  # this rank's pairs in expert order (the single-device ragged layout)
     counts_PEl: torch.Tensor  # pairs received from rank p for local expert e
     send: list[int]  # rows sent to each rank
     recv: list[int]  # rows received from each rank
@@ -126,7 +126,7 @@ class ExpertParallelExperts(RoutedExperts):
         """Send every token-expert pair's row to the rank owning the expert."""
         P, El = self.ep_size, self.n_local
         # The single-device layout: pairs in expert order, hence grouped by owner rank.
-        slots = _Slots.plan(ids_TK, load_E, padded=False)
+        slots = ExpertSlots.plan(ids_TK, load_E, padded=False)
         # counts_PEl[p, e]: pairs that rank p sends to my expert e
         counts_PEl = _exchange(load_E.to(torch.int64), [El] * P, [El] * P, self.group).view(P, El)
         plan = _Plan(slots, counts_PEl, send=load_E.view(P, El).sum(1).tolist(),

@@ -60,7 +60,7 @@ def forward_hidden(model, tokens_BT: torch.Tensor, cache, impl: str) -> torch.Te
     needs at most each prompt's last position), with the routed experts of `ragged_moe`.
     Tested against `model.run`."""
     T = tokens_BT.shape[1]
-    cos, sin, mask = model._positions(T, cache)
+    cos, sin, mask = model.rope_and_mask(T, cache)
     h = model.embed(tokens_BT)
     for i, block in enumerate(model.layers):
         h = block_forward(block, h, cos, sin, cache.layer(i), mask, impl)

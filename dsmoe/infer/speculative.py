@@ -39,7 +39,7 @@ def mtp_hidden(model, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, ca
     `MTPModule.forward` (embedding first), its block run as the engine runs the main ones."""
     module = model.mtp[0]
     T = next_tokens_BT.shape[1]
-    cos, sin, mask = model._positions(T, cache)
+    cos, sin, mask = model.rope_and_mask(T, cache)
     x = module.eh_proj(torch.cat([module.enorm(model.embed(next_tokens_BT)), module.hnorm(h_prev_BTD)], dim=-1))
     h = block_forward(module.block, x, cos, sin, cache.layer(0), mask, resolve_attn_impl("auto", T, True))
     cache.advance(T)

@@ -132,7 +132,7 @@ def pads_experts(device: torch.device, load_E: torch.Tensor | None = None) -> bo
 
 
 @dataclass
-class _Slots:
+class ExpertSlots:
     """Where each token-expert pair sits among the experts' input rows: S slots, grouped
     by expert, each expert's pairs in token order."""
     slot_TK: torch.Tensor  # the slot of each token-expert pair
@@ -141,7 +141,7 @@ class _Slots:
     capacity: int | None  # rows per expert when padded, None when ragged
 
     @classmethod
-    def plan(cls, ids_TK: torch.Tensor, load_E: torch.Tensor, padded: bool) -> "_Slots":
+    def plan(cls, ids_TK: torch.Tensor, load_E: torch.Tensor, padded: bool) -> "ExpertSlots":
         K = ids_TK.shape[1]
         ids_N = ids_TK.flatten()
         order_N = ids_N.argsort(stable=True)  # pairs sorted by expert
@@ -229,7 +229,7 @@ class RoutedExperts(nn.Module):
         return self._forward_loop(x_TD, ids_TK, weights_TK)
 
     def _forward_grouped(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        slots = _Slots.plan(ids_TK, load_E, padded=pads_experts(x_TD.device, load_E))
+        slots = ExpertSlots.plan(ids_TK, load_E, padded=pads_experts(x_TD.device, load_E))
         x_SD = slots.dispatch(x_TD)
         # w1 and w3 read the same rows: one matmul over their concatenation.
         gate_SF, up_SF = slots.matmul(x_SD, torch.cat([self.w1_EFD, self.w3_EFD], dim=1)).chunk(2, dim=-1)

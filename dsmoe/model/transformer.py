@@ -108,7 +108,7 @@ class Transformer(nn.Module):
         self.check_input(tokens, cache)
         B, T = tokens.shape
         impl = resolve_attn_impl(attn_impl, T, cache is not None)
-        cos, sin, mask = self._positions(T, cache)
+        cos, sin, mask = self.rope_and_mask(T, cache)
         h = self.embed(tokens)
         routing = []
         for i, layer in enumerate(self.layers):
@@ -135,7 +135,7 @@ class Transformer(nn.Module):
             if info is not None:
                 out.mtp_routing.append(info)
 
-    def _positions(self, T: int, cache):
+    def rope_and_mask(self, T: int, cache):
         """cos/sin (1 or B, T, R/2) for the new tokens, and the attention mask."""
         if cache is None:
             return self.rope_cos[None, :T], self.rope_sin[None, :T], None
