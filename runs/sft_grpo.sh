@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # SFT on the built-in demo chats, then GRPO on generated math problems, starting from the
-# `small` model that `make demo` trains. Figures: docs/training-life.md.
+# `small` base of runs/life_base.sh. Figures: docs/training-life.md.
 #   runs/sft_grpo.sh [BASE_MODEL_DIR] [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASE=${1:-out/demo/hf}
+BASE=${1:-out/life/base}
 OUT=${2:-out/life}
 DSMOE=".venv/bin/python -m dsmoe"
-$DSMOE sft --model "$BASE" --out "$OUT/sft" --data demo --demo-size 3000 \
-    --steps 300 --batch-size 8 --seq-len 256 --lr 1e-3 --eval-math 200 --max-new-tokens 96
-$DSMOE grpo --model "$OUT/sft" --out "$OUT/grpo" --iterations 30 --prompts 8 --group-size 8 \
-    --max-new-tokens 96 --lr 5e-5 --beta 0.04 --difficulty 1 --eval-problems 200
+$DSMOE sft --model "$BASE" --out "$OUT/sft" --data demo --demo-size 6000 --math-difficulty 1 \
+    --steps 500 --batch-size 8 --seq-len 256 --lr 1e-3 --eval-math 200 --max-new-tokens 96 --threads 1
+$DSMOE grpo --model "$OUT/sft" --out "$OUT/grpo" --iterations 60 --prompts 8 --group-size 8 \
+    --max-new-tokens 96 --temperature 0.7 --lr 1e-4 --beta 0.04 --difficulty 1 \
+    --eval-problems 200 --eval-samples 4 --threads 1
