@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -137,7 +138,8 @@ def cmd_position_loss(a) -> None:
 
 def cmd_yarn(a) -> None:
     """The trained model with YaRN RoPE for a `factor`-times longer context, then (steps > 0)
-    a short fine-tune on training windows of the new length."""
+    a short fine-tune on training windows of the new length. `--plain` keeps plain RoPE (the
+    control: the same fine-tune without YaRN)."""
     from dsmoe.data.shards import BatchStream, TokenShards
     from dsmoe.interop.hf import load_model_dir
     from dsmoe.model import Transformer
@@ -148,8 +150,9 @@ def cmd_yarn(a) -> None:
     device = prepare_run(seed=a.seed, threads=a.threads)
     base, tokenizer = load_model_dir(a.model, dtype=torch.float32, device=device)
     trained_len = a.original_seq_len
-    args = base.args.replace(rope_factor=float(a.factor), original_seq_len=trained_len,
-                             max_seq_len=max(base.args.max_seq_len, a.factor * trained_len))
+    args = base.args.replace(max_seq_len=max(base.args.max_seq_len, a.factor * trained_len))
+    if not a.plain:
+        args = args.replace(rope_factor=float(a.factor), original_seq_len=trained_len)
     model = Transformer(args).to(device)
     model.load_state_dict(base.state_dict())  # same weights; RoPE tables rebuilt for YaRN
     metrics = []
@@ -162,7 +165,7 @@ def cmd_yarn(a) -> None:
                           warmup_steps=max(1, a.steps // 10), eval_interval=0, ckpt_interval=0,
                           log_interval=max(1, a.steps // 5), seed=a.seed)
         metrics = finetune(model, PackedStream(examples, seq_len, a.batch_size, seed=a.seed), cfg)
-    save_model_dir(model, tokenizer, a.out, {"from": a.model, "rope_factor": a.factor,
+    save_model_dir(model, tokenizer, a.out, {"from": a.model, "rope_factor": args.rope_factor,
                                              "original_seq_len": trained_len, "steps": a.steps,
                                              "batch_size": a.batch_size, "lr": a.lr}, metrics)
 
@@ -193,8 +196,11 @@ def _run_settings(run: Path) -> str:
     train = _read_json(run / "run.json")["train"]
     steps = _steps(run)
     seconds = sum(train["batch_size"] * train["seq_len"] * train["grad_accum"] / m["tokens_per_s"] for m in steps)
+    n = train["threads"]
+    threads = f"{n} torch thread{'s' * (n > 1)}" if n else "torch's default threads"
     return (f"{train['steps']} steps x {train['batch_size']} x {train['seq_len']} tokens = "
-            f"{steps[-1]['tokens']:,} training tokens per arm ({seconds / 60:.1f} min of training steps for this arm)")
+            f"{steps[-1]['tokens']:,} training tokens per arm ({seconds / 60:.1f} min of training steps "
+            f"for this arm, {threads})")
 
 
 def results_balance(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
@@ -258,8 +264,8 @@ RESULTS = {"balance": results_balance, "dense": results_dense, "mtp": results_mt
 def cmd_results(a) -> None:
     out = Path(a.out_dir)
     lines = RESULTS[a.experiment](out, [_arm(out, spec) for spec in a.arms])
-    lines += ["", f"Measured with `{a.command}` on {platform.machine()} "
-              f"({torch.get_num_threads()} torch threads, torch {torch.__version__})."]
+    lines += ["", f"Measured with `{a.command}` on {platform.machine()} ("
+              f"{os.cpu_count()} cores, torch {torch.__version__})."]
     block = "\n".join(lines)
     _write_text(out / "results" / f"{a.experiment}.md", block + "\n")
     docs = Path(a.docs)
@@ -304,6 +310,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--plain", action="store_true", help="keep plain RoPE (no YaRN): the control")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p = command("results", cmd_results, "write an experiment's results table into docs/experiments.md", False)

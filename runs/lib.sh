@@ -22,7 +22,7 @@ REPORT_TOKENS=${REPORT_TOKENS:-8192}
 DOCS=${DOCS:-docs/experiments.md} # where the results tables go (a smoke test points it elsewhere)
 
 dsmoe() { "$PY" -m dsmoe "$@"; }
-settings() { echo "PRESET=$PRESET STEPS=$STEPS BATCH=$BATCH SEQ=$SEQ GAMMA=$GAMMA"; }  # for the results' command line
+settings() { echo "PRESET=$PRESET STEPS=$STEPS BATCH=$BATCH SEQ=$SEQ GAMMA=$GAMMA THREADS=$THREADS"; }  # for the results' command line
 experiment() { "$PY" runs/experiment.py "$@"; }
 
 prepare_data() {
