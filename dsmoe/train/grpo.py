@@ -198,16 +198,34 @@ def math_accuracy(model, tokenizer, problems: list[mathgen.MathProblem], max_new
     answers = [p.answer for p in problems for _ in range(samples)]
     seeds = None if temperature == 0 else [seed * 1_000_003 + i for i in range(len(prompts))]
     engine = engine or make_engine(model, tokenizer, batch, max(map(len, prompts)) + max_new_tokens)
-    correct, lengths = 0, 0
+    correct, lengths = [], 0
     for i in range(0, len(prompts), batch):
         reqs = sample(engine, prompts[i:i + batch], max_new_tokens, temperature,
                       None if seeds is None else seeds[i:i + batch], stop_ids(tokenizer))
         for req, answer in zip(reqs, answers[i:i + batch]):
-            correct += math_reward(req.text, answer) > 0
+            correct.append(int(math_reward(req.text, answer) > 0))
             lengths += len(req.output_ids)
     n = max(len(prompts), 1)
-    return {"accuracy": correct / n, "mean_length": lengths / n, "problems": len(problems),
-            "samples": samples, "temperature": temperature}
+    return {"accuracy": sum(correct) / n, "mean_length": lengths / n, "problems": len(problems),
+            "samples": samples, "temperature": temperature, "correct": correct}
+
+
+def paired_change(before: dict, after: dict) -> dict[str, float]:
+    """After minus before over the same draws (same problems, same seeds): the mean change,
+    its standard error from the per-draw differences, the draws that turned right and
+    wrong, and the exact two-sided sign-test (McNemar) p-value on those discordant draws."""
+    a, b = before["correct"], after["correct"]
+    if len(a) != len(b) or not a:
+        raise ValueError("a paired comparison needs the same, non-empty set of draws")
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+    improved, worsened = d.count(1), d.count(-1)
+    k = improved + worsened
+    tail = sum(math.comb(k, i) for i in range(min(improved, worsened) + 1)) / 2 ** k if k else 1.0
+    return {"change": mean, "stderr": stderr, "draws": n, "improved": improved, "worsened": worsened,
+            "p_value": min(1.0, 2 * tail)}
 
 
 def held_out_accuracy(model, tokenizer, problems, cfg: "GRPOConfig", engine) -> dict[str, dict]:
@@ -356,9 +374,13 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
             f"({record['seconds']:.1f}s)")
     model.eval()
     after = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
+    change = {how: paired_change(before[how], after[how]) for how in before}
     if held_out:
         log(f"held-out accuracy after: {_describe(after)}")
-    return records, {"before": before, "after": after}
+        for how, c in change.items():
+            log(f"{how}: {c['change']:+.3f} ± {c['stderr']:.3f} over {c['draws']} paired draws "
+                f"({c['improved']} turned right, {c['worsened']} wrong; sign test p = {c['p_value']:.3g})")
+    return records, {"before": before, "after": after, "change": change}
 
 
 # -------------------------------------------------------------------------- CLI

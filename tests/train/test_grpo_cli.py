@@ -27,6 +27,9 @@ def test_grpo_logs_every_iteration_and_reports_held_out_accuracy(tiny_model_dir,
         greedy, sampled = report["held_out"][when]["greedy"], report["held_out"][when]["sampled"]
         assert greedy["problems"] == 2 == sampled["problems"] and sampled["samples"] == 2
         assert 0 <= sampled["accuracy"] <= 1 and sampled["temperature"] == 1.0
+    change = report["held_out"]["change"]["sampled"]
+    after, before = report["held_out"]["after"]["sampled"], report["held_out"]["before"]["sampled"]
+    assert change["draws"] == 4 and change["change"] == pytest.approx(after["accuracy"] - before["accuracy"])
     assert load_model_dir(out)[0].args == load_model_dir(tiny_model_dir)[0].args
 
 

@@ -8,7 +8,8 @@ import torch
 from dsmoe import ModelArgs, Transformer
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.grpo import (GRPOConfig, clipped_surrogate, completion_batch, group_advantages,
-                              grpo_loss, kl_k3, policy_update, sequence_logprobs, token_logprobs)
+                              grpo_loss, kl_k3, paired_change, policy_update, sequence_logprobs,
+                              token_logprobs)
 from dsmoe.train.optim import build_optimizer
 from dsmoe.errors import ConfigError
 
@@ -81,6 +82,18 @@ def test_completion_batch_masks_only_completion_targets():
     assert mask.tolist() == [[False, False, True, True], [False, True, True, True]]
     tokens, mask = completion_batch([[1]], [[2]], pad_id=0)
     assert mask.tolist() == [[True]]
+
+
+def test_paired_change_by_hand():
+    c = paired_change({"correct": [1, 0, 0, 1, 0]}, {"correct": [1, 1, 1, 0, 0]})
+    # differences 0, 1, 1, -1, 0: mean 0.2, sample variance 2.8 / 4 = 0.7, stderr sqrt(0.7 / 5)
+    assert c["change"] == pytest.approx(0.2) and c["stderr"] == pytest.approx(math.sqrt(0.14))
+    assert (c["improved"], c["worsened"], c["draws"]) == (2, 1, 5)
+    assert c["p_value"] == pytest.approx(1.0)  # 2 * P(Bin(3, 1/2) <= 1) = 2 * 4/8, capped at 1
+    ten_up = paired_change({"correct": [0] * 12}, {"correct": [1] * 10 + [0] * 2})
+    assert ten_up["p_value"] == pytest.approx(2 / 1024)  # all 10 discordant draws improved
+    with pytest.raises(ValueError):
+        paired_change({"correct": [1]}, {"correct": [1, 0]})
 
 
 def test_one_update_moves_probability_towards_the_better_completion():
