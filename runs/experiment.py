@@ -203,9 +203,9 @@ def _run_settings(run: Path) -> str:
             f"for this arm, {threads})")
 
 
-def results_balance(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
+def results_balance(out: Path, arms: list[tuple[str, str]]) -> list[str]:
     rows = []
-    for label, run in arms:
+    for label, run in _runs(out, arms):
         report = _read_json(run / "report" / "report.json")["routing"]
         tail = _steps(run)[-max(1, len(_steps(run)) // 5):]  # the last fifth of training
         rows.append([label, f"{_mean(_val(run).values()):.4f}", f"{_mean(report['maxvio']):.3f}",
@@ -213,38 +213,38 @@ def results_balance(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
                      f"{_mean(report['mutual_information_bits']):.3f}"])
     return markdown_table(["balancing", "val loss (mean over domains, nats)", "MaxVio on val, mean over layers",
                            "MaxVio on val, worst layer", "MaxVio per training batch, last 20% of steps",
-                           "I(domain; expert), bits, mean over layers"], rows) + ["", _run_settings(arms[0][1])]
+                           "I(domain; expert), bits, mean over layers"], rows) + ["", _run_settings(_runs(out, arms)[0][1])]
 
 
-def results_dense(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
+def results_dense(out: Path, arms: list[tuple[str, str]]) -> list[str]:
     from dsmoe.analysis.flops import count_params, flops_per_token
     from dsmoe.config import ModelArgs
 
     rows = []
-    for label, run in arms:
+    for label, run in _runs(out, arms):
         record = _read_json(run / "run.json")
         args = ModelArgs.from_dict(record["model"])
         p, val = count_params(args), _val(run)
         rows.append([label, f"{p.total:,}", f"{p.activated:,}", f"{flops_per_token(args, record['train']['seq_len']).training:,}",
                      f"{_mean(val.values()):.4f}", ", ".join(f"{d} {v:.3f}" for d, v in val.items())])
     return markdown_table(["model", "parameters", "activated per token", "training FLOPs per token",
-                           "val loss (mean, nats)", "val loss per domain"], rows) + ["", _run_settings(arms[0][1])]
+                           "val loss (mean, nats)", "val loss per domain"], rows) + ["", _run_settings(_runs(out, arms)[0][1])]
 
 
-def results_mtp(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
+def results_mtp(out: Path, arms: list[tuple[str, str]]) -> list[str]:
     rows = []
-    for label, run in arms:
+    for label, run in _runs(out, arms):
         acc_path = run / "acceptance.json"
         acc = _read_json(acc_path) if acc_path.is_file() else None
         rows.append([label, f"{_mean(_val(run).values()):.4f}",
                      f"{acc['acceptance']:.3f} ({acc['accepted']:,} of {acc['drafted']:,} drafts)" if acc else "n/a (no MTP module)",
                      f"{1 + acc['acceptance']:.2f}" if acc else "1 (plain decoding)"])
     return markdown_table(["MTP", "main-head val loss (mean over domains, nats)", "greedy draft acceptance",
-                           "tokens per main-model pass (1 + acceptance)"], rows) + ["", _run_settings(arms[0][1])]
+                           "tokens per main-model pass (1 + acceptance)"], rows) + ["", _run_settings(_runs(out, arms)[0][1])]
 
 
-def results_yarn(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
-    loaded = [(label, _read_json(out / "yarn" / f"{name.name}.json")) for label, name in arms]
+def results_yarn(out: Path, arms: list[tuple[str, str]]) -> list[str]:
+    loaded = [(label, _read_json(out / "yarn" / f"{name}.json")) for label, name in arms]
     buckets = loaded[0][1]["buckets"]
     header = ["model"] + [f"positions {b[0]}-{b[1] - 1}" for b in buckets]
     rows = [[arm] + [f"{math.exp(b[2]):.1f}" for b in data["buckets"]] for arm, data in loaded]
@@ -252,10 +252,15 @@ def results_yarn(out: Path, arms: list[tuple[str, Path]]) -> list[str]:
                                    f"positions, over {loaded[0][1]['windows']} validation windows)"]
 
 
-def _arm(out: Path, spec: str) -> tuple[str, Path]:
-    """LABEL=NAME (or NAME alone): a table row's label and the run directory out/arms/NAME."""
+def _arm(spec: str) -> tuple[str, str]:
+    """LABEL=NAME (or NAME alone): a table row's label and the arm's name."""
     label, _, name = spec.rpartition("=")
-    return label or name, out / "arms" / name
+    return label or name, name
+
+
+def _runs(out: Path, arms: list[tuple[str, str]]) -> list[tuple[str, Path]]:
+    """(label, run directory out/arms/NAME) of trained arms."""
+    return [(label, out / "arms" / name) for label, name in arms]
 
 
 RESULTS = {"balance": results_balance, "dense": results_dense, "mtp": results_mtp, "yarn": results_yarn}
@@ -263,7 +268,7 @@ RESULTS = {"balance": results_balance, "dense": results_dense, "mtp": results_mt
 
 def cmd_results(a) -> None:
     out = Path(a.out_dir)
-    lines = RESULTS[a.experiment](out, [_arm(out, spec) for spec in a.arms])
+    lines = RESULTS[a.experiment](out, [_arm(spec) for spec in a.arms])
     lines += ["", f"Measured with `{a.command}` on {platform.machine()} ("
               f"{os.cpu_count()} cores, torch {torch.__version__})."]
     block = "\n".join(lines)
@@ -315,7 +320,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p = command("results", cmd_results, "write an experiment's results table into docs/experiments.md", False)
     p.add_argument("experiment", choices=sorted(RESULTS))
-    p.add_argument("arms", nargs="+", help="LABEL=NAME per row: NAME is the arm (runs/out/arms/NAME)")
+    p.add_argument("arms", nargs="+", help="LABEL=NAME per row: NAME is a trained arm (runs/out/arms/NAME), "
+                   "or for yarn a loss-by-position file (runs/out/yarn/NAME.json)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--command", required=True, help="the command that ran the experiment")
     p.add_argument("--docs", required=True, help="the Markdown file holding the results blocks")

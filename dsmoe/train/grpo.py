@@ -198,10 +198,10 @@ def math_accuracy(model, tokenizer, problems: list[mathgen.MathProblem], max_new
     answers = [p.answer for p in problems for _ in range(samples)]
     seeds = None if temperature == 0 else [seed * 1_000_003 + i for i in range(len(prompts))]
     engine = engine or make_engine(model, tokenizer, batch, max(map(len, prompts)) + max_new_tokens)
-    correct, lengths = [], 0
+    stop, correct, lengths = stop_ids(tokenizer), [], 0
     for i in range(0, len(prompts), batch):
         reqs = sample(engine, prompts[i:i + batch], max_new_tokens, temperature,
-                      None if seeds is None else seeds[i:i + batch], stop_ids(tokenizer))
+                      None if seeds is None else seeds[i:i + batch], stop)
         for req, answer in zip(reqs, answers[i:i + batch]):
             correct.append(int(math_reward(req.text, answer) > 0))
             lengths += len(req.output_ids)

@@ -162,7 +162,7 @@ def start_task_run(args, spec: str, label: str, check_model: Callable[[Any], Non
     sets = {label: task.val}
     sets.update({d: load_task(d, tokenizer, cfg.seq_len, seed=cfg.seed, train=False, **corpus).val
                  for d in parse_domains(args.eval_domains, exclude=spec)})
-    pad_id = tokenizer.pad_id or 0
-    evals = {name: eval_batches(examples, cfg.seq_len, cfg.batch_size, pad_id, args.eval_rows)
-             for name, examples in sets.items()}
-    return TaskRun(out, model, tokenizer, cfg, task, evals)
+    run = TaskRun(out, model, tokenizer, cfg, task, evals={})
+    run.evals = {name: eval_batches(examples, cfg.seq_len, cfg.batch_size, run.pad_id, args.eval_rows)
+                 for name, examples in sets.items()}
+    return run
