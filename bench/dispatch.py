@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsmoe import ModelArgs  # noqa: E402
-from dsmoe.dist.launch import free_port, torchrun_env  # noqa: E402
+from dsmoe.parallel.launch import free_port, torchrun_env  # noqa: E402
 
 PRESET = "small"
 WORLD = 2
@@ -43,8 +43,8 @@ def _worker(out_dir: str, tokens: int, rounds: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from dsmoe.dist import launch
-    from dsmoe.dist.expert_parallel import ExpertParallelExperts
+    from dsmoe.parallel import launch
+    from dsmoe.parallel.expert_parallel import ExpertParallelExperts
     from dsmoe.model.moe import MoE
 
     torch.set_num_threads(1)

@@ -20,7 +20,7 @@ Notable:
 - The layer returns `RoutingInfo` (choices, weights, affinities, per-expert token counts)
   so training can balance, analysis can trace and nothing is stored on the module.
 Not here: capacity factors or token dropping (DeepSeek-V3 drops no tokens), expert
-parallelism (that is `dsmoe/dist/`, applied from outside).
+parallelism (that is `dsmoe/parallel/`, applied from outside).
 """
 from __future__ import annotations
 

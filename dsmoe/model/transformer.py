@@ -9,7 +9,7 @@ Notable:
   naively for training and prefill and in latent space (absorbed) for short decode steps.
 - Inputs are checked before any computation: integer ids inside the vocabulary, and no
   position past `max_seq_len`.
-- Single-device code: nothing here reads a rank or a world size; `dsmoe/dist/` shards a
+- Single-device code: nothing here reads a rank or a world size; `dsmoe/parallel/` shards a
   built model from outside.
 Not here: a loss. Training objectives live in `dsmoe/train/`.
 """

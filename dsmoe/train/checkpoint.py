@@ -12,7 +12,7 @@ place). Loading recomputes the sha256 and refuses a checkpoint that does not mat
 `state.pt` is read with `torch.load(weights_only=True)`: no pickled code runs when a
 checkpoint is opened, so RNG states are stored as tensors and plain Python values.
 Not here: the Hugging Face export of the final model (`dsmoe/interop/hf.py`), sharded
-distributed checkpoints (`dsmoe/dist/checkpoint.py`).
+distributed checkpoints (`dsmoe/parallel/checkpoint.py`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ into place only when complete (the same swap `dsmoe prepare` uses), so a failure
 point leaves the previous `--out` (or nothing) behind. Settings and data are checked
 before the first training step, and nothing is written before the last.
 Not here: resumable checkpoints (fine-tuning runs are short; rerun instead), data
-parallelism (`dsmoe/dist/`).
+parallelism (`dsmoe/parallel/`).
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ Notable:
   per domain. TensorBoard gets the same when it is installed.
 - Device and dtype come from `dsmoe/device.py`: fp32 on CPU, bf16 autocast over fp32
   master weights on CUDA.
-Not here: data preparation (`dsmoe/data/`), distributed training (`dsmoe/dist/`), SFT/RL.
+Not here: data preparation (`dsmoe/data/`), distributed training (`dsmoe/parallel/`), SFT/RL.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ from dsmoe.train.config import TrainConfig, diff, load_run_config
 from dsmoe.train.optim import build_optimizer, lr_at, set_lr
 
 if TYPE_CHECKING:
-    from dsmoe.dist.training import DistTraining
+    from dsmoe.parallel.training import DistTraining
 
 RUN_FILE, METRICS_FILE = "run.json", "metrics.jsonl"
 CHECKPOINTS, HF_DIR = "checkpoints", "hf"
@@ -289,7 +289,7 @@ def train(args: ModelArgs, cfg: TrainConfig, data: str | Path, out: str | Path, 
 
     progress: a progress bar (None: only on a terminal); without one, a plain line every
     `log_interval` steps. on_step: called with each step's metrics record.
-    par: the torchrun session (`dsmoe/dist/training.py`): the model is sharded over its
+    par: the torchrun session (`dsmoe/parallel/training.py`): the model is sharded over its
     ranks, each computes its rows of the same global batch, rank 0 logs; None: one process.
     """
     cfg.check_model(args)
@@ -387,9 +387,9 @@ def train(args: ModelArgs, cfg: TrainConfig, data: str | Path, out: str | Path, 
 
 
 def _dist():
-    """dsmoe.dist.training, imported only by runs that need it."""
-    import dsmoe.dist.training
-    return dsmoe.dist.training
+    """dsmoe.parallel.training, imported only by runs that need it."""
+    import dsmoe.parallel.training
+    return dsmoe.parallel.training
 
 
 def _resume_point(out: Path, record: dict) -> Path:

@@ -80,9 +80,9 @@ def reference(args: ModelArgs, steps: int = STEPS) -> tuple[list[dict], Transfor
 
 
 def main() -> None:
-    from dsmoe.dist import launch
-    from dsmoe.dist.parallelize import ParallelLayout
-    from dsmoe.dist.training import DistTraining
+    from dsmoe.parallel import launch
+    from dsmoe.parallel.parallelize import ParallelLayout
+    from dsmoe.parallel.training import DistTraining
     from dsmoe.train.checkpoint import latest_checkpoint
 
     p = argparse.ArgumentParser()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelArgs
-from dsmoe.dist.launch import DistContext
+from dsmoe.parallel.launch import DistContext
 from dsmoe.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
@@ -136,7 +136,7 @@ def _read_config(path: Path) -> ModelArgs:
         return ModelArgs.from_dict(json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {CONFIG_FILE} is missing; it is written by "
-                              f"dsmoe.dist.checkpoint.save next to the shards") from None
+                              f"dsmoe.parallel.checkpoint.save next to the shards") from None
 
 
 def _check_config(path: Path, args: ModelArgs) -> None:

@@ -13,7 +13,7 @@ Notable:
   Reading B rows to keep B/W costs nothing next to a training step.
 - Checkpoints keep the training layout of `dsmoe/train/checkpoint.py`
   (`checkpoints/step-000100/` with `meta.json`, the last `keep_last` kept), but the folder
-  holds DCP shards (`dsmoe/dist/checkpoint.py`) instead of `state.pt`; `meta.json` is
+  holds DCP shards (`dsmoe/parallel/checkpoint.py`) instead of `state.pt`; `meta.json` is
   written last, by rank 0, after every rank has finished, so a folder without it is
   incomplete and ignored. `extra` carries the step and the data position (identical on
   every rank); the RNG states are not saved (training draws no random numbers after
@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.dist import checkpoint as dcp_ckpt
-from dsmoe.dist.launch import DistContext, agree, in_torchrun, init, init_single, shutdown
-from dsmoe.dist.parallelize import ParallelLayout, clip_grad_norm_, parallelize
+from dsmoe.parallel import checkpoint as dcp_ckpt
+from dsmoe.parallel.launch import DistContext, agree, in_torchrun, init, init_single, shutdown
+from dsmoe.parallel.parallelize import ParallelLayout, clip_grad_norm_, parallelize
 from dsmoe.errors import CheckpointError, ConfigError
 
 DCP_LAYOUT = "dcp"

@@ -1,4 +1,4 @@
-"""Start N local ranks of tests/dist/dist_worker.py the way torchrun would (RANK,
+"""Start N local ranks of tests/parallel/rank_worker.py the way torchrun would (RANK,
 WORLD_SIZE, MASTER_ADDR/PORT in the environment), on gloo, and collect their reports."""
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from dsmoe.dist.launch import free_port, torchrun_env
+from dsmoe.parallel.launch import free_port, torchrun_env
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).with_name("rank_worker.py")
 ROOT = WORKER.parents[2]
 
 
 @pytest.fixture(scope="session")
 def worker():
     """The worker module itself, for the single-process reference run."""
-    spec = importlib.util.spec_from_file_location("dsmoe_dist_worker", WORKER)
+    spec = importlib.util.spec_from_file_location("dsmoe_parallel_worker", WORKER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,7 +53,7 @@ def _launch(world: int, argv: list[str], deadline_s: float, wait_for) -> tuple[l
 def spawn(tmp_path):
     def run(world: int, scenario: str, *extra: str, deadline_s: float = 240.0,
             wait_for: list[int] | None = None) -> list[dict]:
-        """Reports of every rank of dist_worker.py; only the ranks in `wait_for` (all by
+        """Reports of every rank of rank_worker.py; only the ranks in `wait_for` (all by
         default) are waited for, the others are killed once those are done."""
         out = tmp_path / f"{scenario}-{world}-{len(list(tmp_path.iterdir()))}"
         out.mkdir()

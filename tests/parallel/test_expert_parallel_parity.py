@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dsmoe import ModelArgs
-from dsmoe.dist.checkpoint import load_model
-from dsmoe.dist.parallelize import ParallelLayout
+from dsmoe.parallel.checkpoint import load_model
+from dsmoe.parallel.parallelize import ParallelLayout
 from dsmoe.errors import ConfigError
 
 TOL = 1e-5

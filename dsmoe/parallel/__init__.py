@@ -4,8 +4,8 @@
 layout, ctx)` shards a model built for one device; `checkpoint.save/load` write and read
 DCP checkpoints at any world size. See docs/distributed.md.
 """
-from dsmoe.dist.launch import DistContext, in_torchrun, init, shutdown
-from dsmoe.dist.parallelize import ParallelLayout, clip_grad_norm_, parallelize
+from dsmoe.parallel.launch import DistContext, in_torchrun, init, shutdown
+from dsmoe.parallel.parallelize import ParallelLayout, clip_grad_norm_, parallelize
 
 __all__ = ["DistContext", "ParallelLayout", "clip_grad_norm_", "in_torchrun", "init", "parallelize",
            "shutdown"]

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsmoe.dist.expert_parallel import ExpertParallelExperts
-from dsmoe.dist.launch import DistContext, agree
+from dsmoe.parallel.expert_parallel import ExpertParallelExperts
+from dsmoe.parallel.launch import DistContext, agree
 from dsmoe.errors import ConfigError
 from dsmoe.model.transformer import Transformer
 

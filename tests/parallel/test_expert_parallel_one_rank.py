@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dsmoe import ModelArgs, Transformer
-from dsmoe.dist import checkpoint, launch
-from dsmoe.dist.expert_parallel import ExpertParallelExperts
-from dsmoe.dist.parallelize import ParallelLayout, clip_grad_norm_, parallelize
+from dsmoe.parallel import checkpoint, launch
+from dsmoe.parallel.expert_parallel import ExpertParallelExperts
+from dsmoe.parallel.parallelize import ParallelLayout, clip_grad_norm_, parallelize
 from dsmoe.errors import CheckpointError
 
 
