@@ -4,7 +4,7 @@ Fields are grouped by concern (sizes, MoE, MLA, RoPE/YaRN, MTP) and mirror
 DeepSeek's `inference/model.py`; sizes for real models live in `presets/*.json`.
 Validation runs on construction and names the field and the rule for every bad
 value, so a broken config fails before any tensor is allocated. The mapping to
-and from Hugging Face `config.json` lives in `dsmoe/interop/hf.py`, not here.
+and from Hugging Face `config.json` lives in `dsmoe/interop/hf/config.py`, not here.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dsmoe.errors import ConfigError
+from dsmoe.errors import ConfigError, DsmoeError
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 # How experts are chosen, with Hugging Face's names:
@@ -166,17 +166,21 @@ def from_fields(cls, values: dict[str, Any], source: str, what: str):
     return cls(**values)
 
 
-def read_json_object(path: str | Path, holds: str) -> dict[str, Any]:
-    """A config file's JSON object, or a ConfigError naming the file and the problem."""
+def read_json_object(path: str | Path, holds: str,
+                     error: type[DsmoeError] = ConfigError) -> dict[str, Any]:
+    """The JSON object in a file (a config, a checkpoint index), or `error` naming the file
+    and the problem: missing, unreadable, not JSON, too deeply nested, not an object."""
     path = Path(path)
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        raise error(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path} is not valid JSON ({err})") from None
+    except OSError as err:
+        raise error(f"cannot read {path} ({err.strerror or err})") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object of {holds}")
+        raise error(f"{path} must hold a JSON object of {holds}")
     return values
 
 

@@ -8,7 +8,9 @@ tokenizer, generation_config.json) are kept; config.json loses its quantization_
 records the new dtype. The balancing bias stays fp32, as transformers keeps it.
 
 SRC is checked completely (config, shards, names, shapes, dtypes, FP8 scales) before
-anything is written, and DST must be new or empty, so a failed conversion loses nothing.
+anything is written, and DST must be new or empty. DST is assembled in a hidden sibling and
+renamed into place when complete (`dsmoe/atomic.py`): a failed or killed conversion leaves
+no DST at all, and a full disk is a CheckpointError naming DST.
 Not here: quantising to FP8, changing names or layout (load and `save_hf` do that).
 """
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from dsmoe.atomic import replacing_dir
 from dsmoe.device import parse_dtype
 from dsmoe.errors import CheckpointError
-from dsmoe.interop.hf import (CONFIG_FILE, DEFAULT_SHARD_SIZE, INDEX_FILE, ShardEntry,
-                              ShardReader, open_checkpoint, parse_size, write_shards)
+from dsmoe.interop.hf.names import CONFIG_FILE, DEFAULT_SHARD_SIZE, INDEX_FILE
+from dsmoe.interop.hf.read import ShardReader, open_checkpoint
+from dsmoe.interop.hf.write import ShardEntry, parse_size, write_shards
 
 DTYPE_CHOICES = ("bf16", "fp32", "fp16", "bfloat16", "float32", "float16")
 
@@ -60,17 +64,18 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype = "bf16",
             continue  # consumed by dequantisation
         out_dtype = torch.float32 if key.endswith("e_score_correction_bias") else dtype
         entries.append(ShardEntry(key, out_dtype.itemsize * math.prod(info.shape), fetch(key, out_dtype)))
-    try:
-        names = write_shards(entries, dst, shard_size, desc=f"converting to {dst.name}")
-    finally:
-        reader.close()
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
         config[key] = str(dtype).removeprefix("torch.")
-    (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    for file in ckpt.path.iterdir():  # tokenizer, generation config, README, ...
-        if file.is_file() and file.name not in (CONFIG_FILE, INDEX_FILE) and file.suffix != ".safetensors":
-            shutil.copy2(file, dst / file.name)
+    try:
+        with replacing_dir(dst, CheckpointError) as tmp:
+            names = write_shards(entries, tmp, shard_size, desc=f"converting to {dst.name}")
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            for file in ckpt.path.iterdir():  # tokenizer, generation config, README, ...
+                if file.is_file() and file.name not in (CONFIG_FILE, INDEX_FILE) and file.suffix != ".safetensors":
+                    shutil.copy2(file, tmp / file.name)
+    finally:
+        reader.close()
     return names
 
 
