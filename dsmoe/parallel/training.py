@@ -13,11 +13,14 @@ Notable:
   Reading B rows to keep B/W costs nothing next to a training step.
 - Checkpoints keep the training layout of `dsmoe/train/checkpoint.py`
   (`checkpoints/step-000100/` with `meta.json`, the last `keep_last` kept), but the folder
-  holds DCP shards (`dsmoe/parallel/checkpoint.py`) instead of `state.pt`; `meta.json` is
-  written last, by rank 0, after every rank has finished, so a folder without it is
-  incomplete and ignored. `extra` carries the step and the data position (identical on
-  every rank); the RNG states are not saved (training draws no random numbers after
-  initialisation).
+  holds DCP shards (`dsmoe/parallel/checkpoint.py`, with the sha256 of every file) instead
+  of `state.pt`. The folder is assembled under a hidden temporary name and swapped into
+  place by rank 0 once every rank has finished and `meta.json` is written (fsynced), with
+  the same helper as single-process checkpoints (`dsmoe/atomic.py`): a step saved again
+  replaces the old folder only when the new one is complete. A rank that fails at any
+  point makes every rank raise the same CheckpointError within seconds. `extra` carries
+  the step and the data position (identical on every rank); the RNG states are not saved
+  (training draws no random numbers after initialisation).
 - Differences between ranks in the model or training config are refused before work.
 Not here: the loop itself (`dsmoe/train/pretrain.py`).
 """
@@ -25,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from dsmoe.atomic import make_temp_dir, remove_leftovers, swap_into_place, write_synced
 from dsmoe.parallel import checkpoint as dcp_ckpt
 from dsmoe.parallel.launch import DistContext, agree, in_torchrun, init, init_single, shutdown
 from dsmoe.parallel.parallelize import ParallelLayout, clip_grad_norm_, parallelize
@@ -120,25 +122,40 @@ class DistTraining:
 
         root = Path(root)
         final = train_ckpt.checkpoint_dir(root, step)
-        tmp = root / f".tmp-step-{step:06d}-dcp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        dcp_ckpt.save(tmp, model, optimizer, self.ctx, {**extra, "step": step})
-        dist.barrier()  # every rank's shards are on disk
-        if self.is_main:
-            record = {"format": train_ckpt.FORMAT, "version": train_ckpt.VERSION, "step": step,
-                      "layout": DCP_LAYOUT, "world_size": self.ctx.world_size,
-                      "ep": self.layout.resolve(self.ctx.world_size, model.args.n_routed_experts).ep,
-                      **(meta or {})}
-            (tmp / train_ckpt.META_FILE).write_text(json.dumps(record, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for _, old in train_ckpt.list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+
+        def make_folder() -> str | None:
+            if not self.is_main:
+                return None
+            root.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(final)
+            return str(make_temp_dir(final))
+
+        what = f"saving the checkpoint of step {step} in {root}"
+        tmp = Path(dcp_ckpt.on_every_rank(self.ctx, what, make_folder)[0])
+        try:
+            dcp_ckpt.save(tmp, model, optimizer, self.ctx, {**extra, "step": step})
+
+            def finish() -> None:  # every rank's shards and their checksums are on disk
+                if not self.is_main:
+                    return
+                record = {"format": train_ckpt.FORMAT, "version": train_ckpt.VERSION, "step": step,
+                          "layout": DCP_LAYOUT, "world_size": self.ctx.world_size,
+                          "ep": self.layout.resolve(self.ctx.world_size, model.args.n_routed_experts).ep,
+                          **(meta or {})}
+                text = (json.dumps(record, indent=2) + "\n").encode()
+                write_synced(tmp / train_ckpt.META_FILE, lambda f: f.write(text))
+                swap_into_place(tmp, final)
+                for _, old in train_ckpt.list_checkpoints(root)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+            dcp_ckpt.on_every_rank(self.ctx, what, finish)
+        except BaseException as err:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, CheckpointError):
+                raise CheckpointError(f"{err}. The earlier checkpoints in {root} are intact; fix the "
+                                      f"cause (free disk space) and resume with --resume") from err
+            raise
         return final
 
     def load(self, path: str | Path, model: nn.Module, optimizer) -> dict[str, Any]:

@@ -2,24 +2,26 @@
 
 Layout: `<out>/checkpoints/step-000100/` holds `state.pt` (model, optimizer, step, data
 position, RNG states: everything an exact resume needs) and `meta.json` (step, the sha256
-and size of `state.pt`, the run config). A checkpoint appears in one atomic step:
-both files are written into a hidden temporary folder beside it, flushed and fsynced,
-then the folder is renamed into place and the parent folder fsynced. A crash or a full
-disk at any moment therefore leaves either the complete new checkpoint or none, and the
-previous checkpoints are untouched (old ones are deleted only after the new one is in
-place). Loading recomputes the sha256 and refuses a checkpoint that does not match.
+and size of `state.pt`, the run config). A checkpoint appears in one atomic step
+(`dsmoe/atomic.py`): both files are written into a hidden temporary folder beside it,
+flushed and fsynced, then the folder is swapped into place and the parent folder fsynced.
+A crash or a full disk at any moment therefore leaves either the complete new checkpoint
+or none, and the previous checkpoints are untouched: saving a step that already has a
+checkpoint exchanges the two folders and deletes the old one only then, and the oldest
+are pruned only after the new one is in place. Loading recomputes the sha256 and refuses
+a checkpoint that does not match.
 
 `state.pt` is read with `torch.load(weights_only=True)`: no pickled code runs when a
 checkpoint is opened, so RNG states are stored as tensors and plain Python values.
-Not here: the Hugging Face export of the final model (`dsmoe/interop/hf.py`), sharded
-distributed checkpoints (`dsmoe/parallel/checkpoint.py`).
+Not here: the Hugging Face export of the final model (`dsmoe/interop/hf/write.py`),
+sharded distributed checkpoints (`dsmoe/parallel/checkpoint.py`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsmoe.atomic import remove_leftovers, replacing_dir, write_synced
 from dsmoe.errors import CheckpointError
 
 FORMAT = "dsmoe-train-checkpoint"
 VERSION = 1
 STATE_FILE, META_FILE = "state.pt", "meta.json"
-_PREFIX, _TMP_PREFIX = "step-", ".tmp-step-"
+_PREFIX = "step-"
+_LEFTOVER = re.compile(r"\.(step-\d+)\.(?:tmp|old)\..*")  # what dsmoe.atomic leaves when killed
+_LEGACY_TMP = ".tmp-step-"  # temporaries of earlier versions
 _CHUNK = 1 << 24
 
 
@@ -49,28 +54,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The I/O error behind `err`: torch.save re-raises a failed write as a RuntimeError."""
-    while err is not None and not isinstance(err, OSError):
-        err = err.__cause__ or err.__context__
-    return err
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -97,53 +80,44 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def remove_stale_temporaries(root: str | Path) -> None:
-    """Half-written checkpoints of a killed run: never complete, safe to drop."""
+    """Half-written checkpoints of a killed run: never complete, safe to drop (a complete
+    checkpoint renamed aside by a replacement cut short is put back)."""
     root = Path(root)
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(_TMP_PREFIX):
-                shutil.rmtree(path, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for name in sorted({m[1] for p in root.iterdir() if (m := _LEFTOVER.fullmatch(p.name))}):
+        remove_leftovers(root / name)
+    for path in root.iterdir():
+        if path.name.startswith(_LEGACY_TMP):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_checkpoint(root: str | Path, step: int, state: dict[str, Any],
                     meta: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
     """Write `state` as the checkpoint of `step`, atomically; keep the last `keep_last`."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, step)
-    tmp = root / f"{_TMP_PREFIX}{step:06d}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+
+    def failed(os_error: OSError) -> str:
+        previous = latest_checkpoint(root)
+        kept = (f"the previous checkpoint {previous} is intact" if previous
+                else "no earlier checkpoint exists")
+        return (f"could not write the checkpoint of step {step} in {root} "
+                f"({os_error.strerror or os_error}); {kept}. Free disk space (or lower "
+                f"keep_last) and resume with --resume")
+
+    with replacing_dir(final, CheckpointError, describe=failed) as tmp:
         writer: list[_HashingWriter] = []
 
         def write_state(f):
             writer.append(_HashingWriter(f))
             torch.save(state, writer[0])
 
-        _write_synced(tmp / STATE_FILE, write_state)
+        write_synced(tmp / STATE_FILE, write_state)
         record = {"format": FORMAT, "version": VERSION, "step": step,
                   "sha256": writer[0].sha256.hexdigest(), "bytes": writer[0].size, **(meta or {})}
         text = (json.dumps(record, indent=2) + "\n").encode()
-        _write_synced(tmp / META_FILE, lambda f: f.write(text))
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            old = root / f"{_TMP_PREFIX}{step:06d}-old-{os.getpid()}"
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(final)
-        _fsync_dir(root)
-    except (OSError, RuntimeError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os_error = _os_error(err)
-        if os_error is None:  # not an I/O failure: a bug to see in full
-            raise
-        previous = latest_checkpoint(root)
-        kept = (f"the previous checkpoint {previous} is intact" if previous
-                else "no earlier checkpoint exists")
-        raise CheckpointError(f"could not write the checkpoint of step {step} in {root} "
-                              f"({os_error.strerror or os_error}); {kept}. Free disk space (or lower "
-                              f"keep_last) and resume with --resume") from err
+        write_synced(tmp / META_FILE, lambda f: f.write(text))
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -6,8 +6,9 @@ dsmoe train` does, on its rows of fixed global batches. Scenarios: train (with `
 a checkpoint after that step, in the loop's layout under `--ckpt`), resume (from the
 latest checkpoint there, the remaining steps), mismatch (rank 1 builds another config),
 lost (rank 1 exits) and stalled (rank 1 stops talking): in the last two the other rank
-must fail, at the latest when the process-group timeout expires. Each rank writes what it
-saw to OUT/rank{R}.json.
+must fail, at the latest when the process-group timeout expires; save_fails (a save
+that fails on one rank: every rank must stop at once, the earlier checkpoint intact).
+Each rank writes what it saw to OUT/rank{R}.json.
 """
 from __future__ import annotations
 
@@ -79,6 +80,44 @@ def reference(args: ModelArgs, steps: int = STEPS) -> tuple[list[dict], Transfor
     return metrics, model
 
 
+def failing_saves(par, model, optimizer, root: str) -> dict:
+    """A good save of step 1, then saves of step 1 that fail on one rank: in DCP's shard
+    writing (rank 1, disk full) and after it (rank 0 writing meta.json). Per attempt: the
+    error each rank saw, how long it took, and what the checkpoint folder then holds."""
+    import errno
+    from pathlib import Path
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    import dsmoe.parallel.training as training
+    from dsmoe.train.checkpoint import checkpoint_dir, list_checkpoints
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    attempts = {}
+    for name, rank, module, attr in [("good", None, None, None),
+                                     ("shards", 1, dcp_fs, "_write_item"),
+                                     ("meta", 0, training, "write_synced")]:
+        real = getattr(module, attr) if module is not None else None
+        if rank == par.ctx.rank:
+            setattr(module, attr, full)
+        t0 = time.monotonic()
+        try:
+            par.save(root, 1, model, optimizer, {"data": {"step": 1}})
+            attempts[name] = {"error": None}
+        except Exception as err:
+            attempts[name] = {"error": type(err).__name__, "message": str(err)}
+        attempts[name]["seconds"] = time.monotonic() - t0
+        if module is not None:
+            setattr(module, attr, real)
+        attempts[name]["folder"] = sorted(p.name for p in Path(root).iterdir())
+        attempts[name]["steps"] = [s for s, _ in list_checkpoints(root)]
+    first = par.load(checkpoint_dir(root, 1), model, optimizer)  # the good save, verified
+    attempts["loaded_step"] = first["step"]
+    return attempts
+
+
 def main() -> None:
     from dsmoe.parallel import launch
     from dsmoe.parallel.parallelize import ParallelLayout
@@ -86,7 +125,7 @@ def main() -> None:
     from dsmoe.train.checkpoint import latest_checkpoint
 
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["train", "resume", "mismatch", "lost", "stalled"])
+    p.add_argument("scenario", choices=["train", "resume", "mismatch", "lost", "stalled", "save_fails"])
     p.add_argument("out")
     p.add_argument("--ep", type=int, default=0)
     p.add_argument("--ckpt", default="")
@@ -122,9 +161,12 @@ def main() -> None:
             with torch.no_grad():  # what the saved weights compute, for consolidation
                 report["probe_logits"] = model(probe(args)).tolist()
 
-        metrics = run_steps(model, optimizer, balancer, args, first, STEPS, a.ckpt or None, par,
-                            a.save_at, save)
-        report.update(metrics=metrics, biases=biases(model), first=first)
+        if a.scenario == "save_fails":
+            report["attempts"] = failing_saves(par, model, optimizer, a.ckpt)
+        else:
+            metrics = run_steps(model, optimizer, balancer, args, first, STEPS, a.ckpt or None, par,
+                                a.save_at, save)
+            report.update(metrics=metrics, biases=biases(model), first=first)
     except Exception as err:  # reported to the test, which checks the kind and message
         report.update(error=type(err).__name__, message=str(err), trace=traceback.format_exc())
     with open(os.path.join(a.out, f"rank{ctx.rank}.json"), "w") as f:

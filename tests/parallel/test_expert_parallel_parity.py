@@ -95,3 +95,23 @@ def test_layout_must_divide_world_and_experts():
         ParallelLayout().resolve(3, 8)
     with pytest.raises(ConfigError, match="must divide the world size 4"):
         ParallelLayout(ep=3).resolve(4, 9)
+
+
+def test_a_save_failing_on_one_rank_stops_every_rank_at_once(spawn, tmp_path):
+    # A 600 s process-group timeout: a rank left waiting at a barrier would blow the 120 s
+    # deadline; the failure must reach every rank through the save's own agreement.
+    root = tmp_path / "checkpoints"
+    reports = spawn(2, "save_fails", "--ckpt", str(root), "--timeout", "600", deadline_s=120)
+    for rep in reports:
+        assert "error" not in rep and "missing" not in rep, rep.get("trace") or rep["log"]
+        attempts = rep["attempts"]
+        assert attempts["good"]["error"] is None and attempts["good"]["steps"] == [1]
+        for name, rank in (("shards", 1), ("meta", 0)):
+            got = attempts[name]
+            assert got["error"] == "CheckpointError", (name, got)
+            assert f"rank(s) [{rank}]" in got["message"] and "No space left on device" in got["message"]
+            assert "earlier checkpoints" in got["message"] and "--resume" in got["message"]
+            assert got["seconds"] < 30, (name, got["seconds"])
+            if rep["rank"] == 0:  # rank 0 removes the temporary before it raises
+                assert got["folder"] == ["step-000001"], got  # the good one kept
+        assert attempts["loaded_step"] == 1  # the good save still verifies and loads
