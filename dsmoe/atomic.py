@@ -184,15 +184,22 @@ def io_error(err: BaseException | None) -> OSError | None:
 
 def _raise_translated(err: BaseException, out: Path, error: type[DsmoeError], kept: str,
                       describe: Callable[[OSError], str] | None = None) -> None:
-    if isinstance(err, DsmoeError):
-        return  # already says what is wrong
+    """Raise `error` for an I/O failure behind `err`; return for anything else. A failure
+    already translated by a nested write (a save into our temporary folder) is translated
+    again, so that the message names the caller's target, not a temporary."""
+    if isinstance(err, DsmoeError) and not getattr(err, "failed_write", False):
+        return  # bad input: its message already says what is wrong
     os_error = io_error(err)
     if os_error is None:
         return
     if describe is not None:
-        raise error(describe(os_error)) from err
-    raise error(f"could not write {out} ({os_error.strerror or os_error}); {kept}. "
-                f"Free disk space (or fix the folder's permissions) and run the command again") from err
+        message = describe(os_error)
+    else:
+        message = (f"could not write {out} ({os_error.strerror or os_error}); {kept}. "
+                   f"Free disk space (or fix the folder's permissions) and run the command again")
+    translated = error(message)
+    translated.failed_write = True
+    raise translated from err
 
 
 def _exchange(a: Path, b: Path) -> bool:

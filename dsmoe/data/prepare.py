@@ -31,14 +31,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from dsmoe.atomic import discard_temp_dir, make_temp_dir, remove_leftovers, swap_into_place
 from dsmoe.data.corpus import DEFAULT_MAX_CHARS_PER_DOMAIN, Document, iter_default_corpus
 from dsmoe.data.shards import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS,
                                ShardWriter, TokenShards, read_manifest, token_dtype,
@@ -268,26 +267,6 @@ def _manifest(groups, masks, records, tokenizer: Tokenizer, settings: dict,
     }
 
 
-def _make_temp_dir(out: Path) -> Path:
-    """An empty sibling of `out` with the permissions a plain mkdir would give it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    umask = os.umask(0)  # mkdtemp makes 0700 directories; the output is not a secret
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    return tmp
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` so that a crash leaves one complete directory or the other."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        out.rename(old / "data")
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
             vocab_size: int = DEFAULT_VOCAB_SIZE, val_fraction: float = DEFAULT_VAL_FRACTION,
             seed: int = 0, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN,
@@ -321,7 +300,8 @@ def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
     masks = {domain: validation_mask([d.text for d in docs], val_fraction, seed)
              for domain, docs in groups.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out)
+    remove_leftovers(out)
+    tmp = make_temp_dir(out)
     try:
         train_texts = [d.text for domain, docs in groups.items()
                        for d, is_val in zip(docs, masks[domain]) if not is_val]
@@ -334,9 +314,9 @@ def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
         records = _encode_and_pack(tmp, tokenizer, groups, masks, show_progress)
         manifest = _manifest(groups, masks, records, tokenizer, settings, input_hash)
         write_manifest(tmp, manifest)  # last: its presence marks a complete directory
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_into_place(tmp, out)
+    except BaseException as err:
+        discard_temp_dir(tmp, out, err, DataError)
         raise
     print(f"prepare: wrote {out} in {time.perf_counter() - started:.1f}s")
     print_summary(manifest)

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from dsmoe.data.prepare import _make_temp_dir, _swap_into_place
+from dsmoe.atomic import replacing_dir
 from dsmoe.device import autocast, resolve_device
 from dsmoe.errors import CheckpointError, DataError
 from dsmoe.train.balance import Balancer
@@ -71,17 +70,11 @@ def save_model_dir(model, tokenizer, out: str | Path, report: dict[str, Any],
     from dsmoe.interop.hf import save_hf
 
     out = check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out)
-    try:
+    with replacing_dir(out, CheckpointError) as tmp:  # a full disk: CheckpointError, old --out kept
         save_hf(model, tmp, tokenizer=tokenizer)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if metrics is not None:
             (tmp / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

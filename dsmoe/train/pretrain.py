@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsmoe.atomic import write_file
 from dsmoe.config import ModelArgs
 from dsmoe.device import autocast, resolve_device
 from dsmoe.errors import CheckpointError, ConfigError, DataError, DsmoeError
@@ -130,11 +130,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (a killed run's, past its last checkpoint)."""
         self.f.close()
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
+        write_file(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
@@ -164,8 +161,18 @@ def _scalars(record: dict, prefix: str = ""):
 
 
 def read_metrics(out: str | Path) -> list[dict]:
+    """The records of metrics.jsonl; a torn last line (a run killed mid-write) is dropped."""
     path = Path(out) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise DataError(f"{path}: line {number} is not a JSON record; the log was edited or "
+                                "damaged: delete that line to continue") from None
+    return records
 
 
 # ------------------------------------------------------------------ preparation
@@ -332,9 +339,7 @@ def train(args: ModelArgs, cfg: TrainConfig, data: str | Path, out: str | Path, 
         if latest is not None and main_rank:
             ckpt.remove_stale_temporaries(ckpt_root)
         elif main_rank:
-            tmp = out / (RUN_FILE + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, out / RUN_FILE)
+            write_file(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
         log = MetricsLog(out) if main_rank else _dist().NullLog()
         if latest is not None:
             log.truncate_after(start)  # what a killed run logged after its last checkpoint

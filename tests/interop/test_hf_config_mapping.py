@@ -121,3 +121,58 @@ def test_name_table_is_a_bijection(changes):
             assert seen.setdefault(key, (ours, expert)) == (ours, expert)
     assert from_hf("model.layers.99.mlp.gate.weight", args) is None
     assert from_hf(f"model.layers.1.mlp.experts.{args.n_routed_experts}.up_proj.weight", args) is None
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("hidden_size", "7168", "must be an integer"),
+    ("num_hidden_layers", 61.0, "must be an integer"),
+    ("n_routed_experts", True, "must be an integer"),
+    ("rms_norm_eps", "1e-6", "must be a finite number"),
+    ("routed_scaling_factor", float("nan"), "must be a finite number"),
+    ("rope_theta", float("inf"), "must be a finite number"),
+    ("norm_topk_prob", "true", "must be true or false"),
+    ("norm_topk_prob", 1, "must be true or false"),
+    ("topk_method", ["noaux_tc"], "must be a string"),
+    ("tie_word_embeddings", "false", "must be true or false"),
+    ("rope_interleave", 0, "must be true or false"),
+    ("quantization_config", "fp8", "must be an object"),
+    ("num_nextn_predict_layers", "1", "must be an integer"),
+    ("model_type", ["deepseek_v3"], "not supported"),
+    ("rope_scaling", [40], "must be an object"),
+])
+def test_wrong_types_name_the_key(key, value, rule):
+    with pytest.raises(ConfigError, match=rf"config.json: {key}=.*: {rule}"):
+        args_from_hf_config({**DEEPSEEK_V3, key: value})
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("factor", "40", "factor='40' must be a finite number"),
+    ("beta_fast", float("nan"), "beta_fast=nan must be a finite number"),
+    ("mscale", [1.0], r"mscale=\[1.0\] must be a finite number"),
+    ("original_max_position_embeddings", 4096.5, "must be an integer"),
+    ("original_max_position_embeddings", 0, "must be a positive integer"),
+    ("truncate", "no", "truncate='no' must be true or false"),
+    ("type", 3, "type=3 must be a string"),
+])
+def test_wrong_rope_types_name_the_field(field, value, rule):
+    rope = {**DEEPSEEK_V3["rope_scaling"], field: value}
+    with pytest.raises(ConfigError, match=rf"config.json: rope_scaling=.*{rule}"):
+        args_from_hf_config({**DEEPSEEK_V3, "rope_scaling": rope})
+    without_factor = {k: v for k, v in rope.items() if k != "factor"}  # factor derived from the context
+    if field == "original_max_position_embeddings":
+        with pytest.raises(ConfigError, match="original_max_position_embeddings"):
+            args_from_hf_config({**DEEPSEEK_V3, "rope_scaling": without_factor})
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"hidden_size": NaN', "is not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "is not valid JSON"),
+    ('["a list"]', "must hold a JSON object"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+])
+def test_unreadable_config_json_is_a_config_error(tmp_path, text, problem):
+    from dsmoe.interop.hf import load_hf
+
+    (tmp_path / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=rf"config.json {problem}"):
+        load_hf(tmp_path)

@@ -1,5 +1,6 @@
-"""Training checkpoints: exact round trip, keep-last, corruption caught by the hash, and a
-full disk in the middle of a write leaving the previous checkpoint intact."""
+"""Training checkpoints: exact round trip, keep-last, corruption caught by the hash, a
+full disk in the middle of a write leaving the previous checkpoint intact, and a step
+saved again replacing the old one only once complete (killed midway: recovered)."""
 import errno
 import json
 import random
@@ -87,3 +88,49 @@ def test_meta_records_hash_and_size(tmp_path):
     meta = json.loads((path / ckpt.META_FILE).read_text())
     assert meta["bytes"] == (path / ckpt.STATE_FILE).stat().st_size
     assert meta["format"] == ckpt.FORMAT and meta["step"] == 3
+
+
+def test_saving_a_step_again_never_loses_the_old_one(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 10, _state(10))
+    before = {p.name: p.read_bytes() for p in ckpt.checkpoint_dir(tmp_path, 10).iterdir()}
+    real_write = ckpt._HashingWriter.write
+
+    def write_until_full(self, data):
+        if self.size > 200:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(ckpt._HashingWriter, "write", write_until_full)
+    with pytest.raises(CheckpointError, match=r"step 10 .*No space left on device.*step-000010 is intact"):
+        ckpt.save_checkpoint(tmp_path, 10, _state(11))  # the same step, new contents
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000010"]
+    assert {p.name: p.read_bytes() for p in ckpt.checkpoint_dir(tmp_path, 10).iterdir()} == before
+    monkeypatch.undo()
+    ckpt.save_checkpoint(tmp_path, 10, _state(11))  # complete: now it replaces the old one
+    state, _ = ckpt.load_checkpoint(ckpt.checkpoint_dir(tmp_path, 10))
+    assert torch.equal(state["model"]["w"], _state(11)["model"]["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000010"]
+
+
+def test_a_replacement_killed_between_renames_is_recovered_on_resume(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dsmoe import atomic
+
+    ckpt.save_checkpoint(tmp_path, 10, _state(10))
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the two-rename path
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".step-000010.tmp."):  # the new one, about to go in: killed
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 10, _state(11))
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path) is None  # the old one is aside, under a hidden name
+    ckpt.remove_stale_temporaries(tmp_path)  # what training does before it resumes
+    state, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert state["step"] == 10 and [p.name for p in tmp_path.iterdir()] == ["step-000010"]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dsmoe.cli import main
+from dsmoe.errors import CheckpointError
 from dsmoe.interop.hf import load_model_dir
 
 pytestmark = pytest.mark.slow  # end to end: a model loaded, trained and saved
@@ -58,7 +59,7 @@ def test_a_failed_save_leaves_no_half_written_model(tiny_model_dir, tmp_path, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(hf, "save_hf", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):  # an I/O failure, translated
         save_model_dir(model, tokenizer, out, {"run": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
     assert sorted(p.name for p in out.iterdir()) == before  # the previous model is intact

@@ -26,10 +26,10 @@ from dsmoe.interop.hf.names import (BLOCK_NAMES, CONFIG_FILE, DEFAULT_SHARD_SIZE
                                     INDEX_FILE, MTP_COPIES, MTP_NAMES, SHARD_FILE, SINGLE_FILE,
                                     TOP_NAMES, from_hf, to_hf)
 from dsmoe.interop.hf.read import HFCheckpoint, ShardReader, TensorInfo, load_hf, open_checkpoint
-from dsmoe.interop.hf.write import ShardEntry, parse_size, save_hf, write_hf, write_shards
+from dsmoe.interop.hf.write import ShardEntry, parse_size, save_hf, write_shards
 
 __all__ = ["BLOCK_NAMES", "CONFIG_FILE", "DEFAULT_SHARD_SIZE", "EXPERT_NAMES", "HFCheckpoint",
            "HFSpec", "INDEX_FILE", "MTP_COPIES", "MTP_NAMES", "SHARD_FILE", "SINGLE_FILE",
            "ShardEntry", "ShardReader", "TOP_NAMES", "TensorInfo", "args_from_hf_config",
            "from_hf", "hf_config_from_args", "load_hf", "load_model_dir", "open_checkpoint",
-           "parse_size", "save_hf", "to_hf", "write_hf", "write_shards"]
+           "parse_size", "save_hf", "to_hf", "write_shards"]

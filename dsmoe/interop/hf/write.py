@@ -5,8 +5,8 @@ Notable:
   tokenizer) in a hidden sibling and swaps it in (`dsmoe/atomic.py`), so a crash or a full
   disk at any moment leaves the previous export intact, never a mix of two saves' shards
   under one index; an I/O failure is a CheckpointError naming the folder. It replaces
-  only a model folder (one with a config.json) or an empty one. `write_hf` writes into a
-  fresh folder for callers that add files of their own before the swap (fine-tuning).
+  only a model folder (one with a config.json) or an empty one. Callers that add files of
+  their own (fine-tuning's report) save into their own `replacing_dir` folder.
 - Shards as transformers writes them: one `model.safetensors`, or numbered shards of at
   most `shard_size` bytes plus `model.safetensors.index.json`; each tensor is produced
   (moved to the CPU, cast) only when its shard is written, so memory stays at one shard.
@@ -111,47 +111,26 @@ def save_hf(model: Transformer, path: str | Path, shard_size: int | str = DEFAUL
     its files too. dtype: the weights' dtype on disk (default: the model's own); the gate
     bias is always written in fp32. The folder is replaced as a whole, atomically."""
     path = check_export_dir(path)
-    export = _Export(model, shard_size, tokenizer, dtype)  # every check before any write
-    with replacing_dir(path, CheckpointError) as tmp:
-        export.write(tmp, desc=f"saving {path.name}")
+    args = model.args
+    state = model.state_dict()
+    dtype = parse_dtype(dtype) if dtype is not None else state["embed.weight"].dtype
+    config = hf_config_from_args(args, dtype, getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None))
+    parse_size(shard_size)
+    if not stores_bias(args):
+        biased = [k for k, v in state.items() if k.endswith("gate.bias") and bool(v.any())]
+        if biased:
+            raise ConfigError(f"{biased[0]} is not zero, but DeepSeek-V2 checkpoints (softmax scores) "
+                              "store no balancing bias: it would be lost")
+    entries = []
+    for ours, tensor in state.items():
+        out_dtype = torch.float32 if ours.endswith("gate.bias") else dtype
+        for key, expert in to_hf(ours, args):
+            src = tensor if expert is None else tensor[expert]
+            entries.append(ShardEntry(key, src.numel() * out_dtype.itemsize,
+                                      lambda src=src, d=out_dtype: src.detach().to("cpu", d, copy=True).contiguous()))
+    with replacing_dir(path, CheckpointError) as tmp:  # every check above ran before any write
+        write_shards(entries, tmp, shard_size, desc=f"saving {path.name}")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
     return path
-
-
-def write_hf(model: Transformer, path: str | Path, shard_size: int | str = DEFAULT_SHARD_SIZE,
-             tokenizer=None, dtype: str | torch.dtype | None = None) -> Path:
-    """What `save_hf` writes, into the fresh folder `path` (the caller swaps it in)."""
-    path = Path(path)
-    _Export(model, shard_size, tokenizer, dtype).write(path, desc=f"saving {path.name}")
-    return path
-
-
-class _Export:
-    """A model's config.json and shard plan, checked; written by `write`."""
-
-    def __init__(self, model: Transformer, shard_size: int | str, tokenizer, dtype):
-        args = model.args
-        state = model.state_dict()
-        dtype = parse_dtype(dtype) if dtype is not None else state["embed.weight"].dtype
-        self.config = hf_config_from_args(args, dtype, getattr(tokenizer, "bos_id", None),
-                                          getattr(tokenizer, "eos_id", None))
-        parse_size(shard_size)
-        if not stores_bias(args):
-            biased = [k for k, v in state.items() if k.endswith("gate.bias") and bool(v.any())]
-            if biased:
-                raise ConfigError(f"{biased[0]} is not zero, but DeepSeek-V2 checkpoints (softmax scores) "
-                                  "store no balancing bias: it would be lost")
-        self.entries = []
-        for ours, tensor in state.items():
-            out_dtype = torch.float32 if ours.endswith("gate.bias") else dtype
-            for key, expert in to_hf(ours, args):
-                src = tensor if expert is None else tensor[expert]
-                self.entries.append(ShardEntry(
-                    key, src.numel() * out_dtype.itemsize,
-                    lambda src=src, d=out_dtype: src.detach().to("cpu", d, copy=True).contiguous()))
-        self.shard_size, self.tokenizer = shard_size, tokenizer
-
-    def write(self, path: Path, desc: str) -> None:
-        write_shards(self.entries, path, self.shard_size, desc=desc)
-        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2) + "\n")
-        if self.tokenizer is not None:
-            self.tokenizer.save(path)
