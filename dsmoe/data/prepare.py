@@ -199,8 +199,12 @@ def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
 
     held = {domain: hold_out(docs, val_fraction, seed) for domain, docs in groups.items()}
     _say_held_out(groups, held)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_temp_dir(out)
+    except OSError as err:
+        raise DataError(f"cannot create {out} ({err.strerror or err}); choose a writable "
+                        "--out folder") from err
     try:
         train_texts = [d.text for h in held.values() for d in h.train]
         if show_progress:
@@ -213,6 +217,10 @@ def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
         manifest = _manifest(groups, held, records, tokenizer, settings, input_hash)
         write_manifest(tmp, manifest)  # last: its presence marks a complete directory
         _swap_into_place(tmp, out)
+    except OSError as err:  # a full disk, say: the error names what failed, not our temp path
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"writing {out} failed ({err.strerror or err}); free disk space or "
+                        "choose another --out folder") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,13 +5,15 @@ accepts the prepared folder, validation included) or stops with a one-line messa
 names the file and a fix that exists; a failing prepare into an already prepared folder
 leaves that folder exactly as it was.
 """
+import errno
 import json
-import re
 import random
+import re
 
 import pytest
 
 from dsmoe import cli
+from dsmoe.data import prepare as prepare_module
 from dsmoe.data.shards import TokenShards
 
 WORDS = ("the harbour gulls argued over a fish while the tide turned and nobody came down to "
@@ -41,11 +43,11 @@ def train(data, out, capsys):
 
 
 def fails(argv, capsys):
-    """Run a verb that must fail; its one-line message on stderr."""
+    """Run a verb that must fail; the one line it ends with on stderr."""
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]  # progress bars, if any, come before it
 
 
 def snapshot(folder):
@@ -170,3 +172,19 @@ def test_train_without_enough_validation_text_refuses_before_training(
     assert "one window of 129 validation tokens" in err and fix in err
     assert 'a shorter "seq_len" in a --config file' in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
+
+
+def test_a_full_disk_midway_is_a_data_error_and_keeps_what_was_prepared(
+        prepared, tmp_path, capsys, monkeypatch):
+    good = tmp_path / "good.txt"
+    good.write_text(notes_text(seed=6), encoding="utf-8")
+    before = snapshot(prepared.parent)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare_module, "write_manifest", disk_full)
+    err = fails(prepare_argv(prepared, good), capsys)
+    assert err == (f"dsmoe prepare: error: writing {prepared} failed (No space left on device); "
+                   "free disk space or choose another --out folder")
+    assert snapshot(prepared.parent) == before  # no temporary folder left behind either

@@ -72,7 +72,8 @@ ZERO_IS_LEGAL = {
 }
 # Legal values that are still not positive-or-zero in the plain sense.
 SPECIAL_LOWER_BOUND = {"rope_theta": 1.0}  # log(rope_theta) is a divisor in YaRN
-NUMERIC_FIELDS = [f for f in dataclasses.fields(ModelArgs) if f.type in ("int", "float", int, float)]
+NUMERIC_FIELDS = [f for f in dataclasses.fields(ModelArgs)
+                  if f.type in ("int", "float", int, float)]
 HOSTILE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "zero": 0,
            "negative": -1, "bool": True, "string": "8", "none": None, "huge": 10**400}
 
