@@ -58,7 +58,8 @@ def _read_utf8(path: Path) -> str:
                         f"{'UTF-16' if utf16 else 'LATIN1'} -t UTF-8 FILE > NEW`) or remove it "
                         "from --data") from err
     except OSError as err:
-        raise DataError(f"cannot read {path} ({err.strerror or err})") from err
+        raise DataError(f"cannot read {path} ({err.strerror or err}); check that it is a "
+                        "readable file") from err
     if "\0" in text:
         raise DataError(f"{path} looks like a binary file (it holds NUL bytes), not text; "
                         "remove it from --data")
@@ -141,6 +142,8 @@ def _expand(data_paths: Iterable[str | Path]) -> list[tuple[Path, bool]]:
                 raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of "
                                 f"{', '.join(SUPPORTED_SUFFIXES)}")
             files.append((path, False))
+        elif path.exists():
+            raise DataError(f"{path} is not a regular file or folder; give text files or folders")
         else:
             raise DataError(f"{path} does not exist; check the --data path")
     return files
@@ -170,8 +173,10 @@ def load_documents(data_paths: Iterable[str | Path]) -> list[Document]:
         documents += found
     if len(problems) == 1:
         raise DataError(problems[0])
-    if problems:
-        raise DataError(f"{len(problems)} input files cannot be used: " + " | ".join(problems))
+    if problems:  # all of them, so a folder is fixed in one pass (the first 10 in full)
+        more = f" | and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} input files cannot be used: "
+                        + " | ".join(problems[:10]) + more)
     for path in empty:
         print(f"prepare: skipped {path}: it contains no text")
     if not documents:

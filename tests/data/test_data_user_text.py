@@ -188,3 +188,19 @@ def test_a_full_disk_midway_is_a_data_error_and_keeps_what_was_prepared(
     assert err == (f"dsmoe prepare: error: writing {prepared} failed (No space left on device); "
                    "free disk space or choose another --out folder")
     assert snapshot(prepared.parent) == before  # no temporary folder left behind either
+
+
+def test_many_bad_files_are_counted_and_the_first_ten_named(tmp_path, capsys):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"blob{i:02d}.txt").write_bytes(b"\0\1\2")
+    err = fails(prepare_argv(tmp_path / "data", folder), capsys)
+    assert err.startswith("dsmoe prepare: error: 12 input files cannot be used: ")
+    assert "blob09.txt" in err and "blob10.txt" not in err and err.endswith("and 2 more")
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_device_is_not_a_text_file(tmp_path, capsys):
+    err = fails(prepare_argv(tmp_path / "data", "/dev/null"), capsys)
+    assert err.endswith("/dev/null is not a regular file or folder; give text files or folders")
