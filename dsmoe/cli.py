@@ -3,11 +3,20 @@
 Each verb lives in the module that owns its concept; that module exposes
 `add_arguments(parser)` and `run(args) -> int | None`. Modules are imported only
 when their verb is called, so `dsmoe params` never pays for FastAPI or matplotlib.
+
+No bad input ends in a traceback: `main` turns the project's errors (DsmoeError and its
+subclasses), operating-system errors (a missing or unwritable path, a full disk) and a
+missing optional package into one line on stderr. Exit codes: 0 success, 1 the input was
+refused while running (that one line says why and how to fix it), 2 the command line
+itself is malformed (argparse's usage message), 130 interrupted. Set DSMOE_TRACEBACK=1
+to see the traceback behind a one-line error.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from dsmoe.errors import DsmoeError
@@ -49,17 +58,53 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     verb, rest = argv[0], argv[1:]
+    try:
+        return _run_verb(verb, rest)
+    except (DsmoeError, OSError, ModuleNotFoundError) as err:
+        if os.environ.get("DSMOE_TRACEBACK"):
+            raise
+        message = str(err) if isinstance(err, DsmoeError) else _describe(err)
+        print(f"dsmoe {verb}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dsmoe {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_verb(verb: str, rest: list[str]) -> int:
     module_name, help_text = VERBS[verb]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"dsmoe {verb}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
-        code = module.run(args)
-    except DsmoeError as err:
-        print(f"dsmoe {verb}: error: {err}", file=sys.stderr)
-        return 1
-    return int(code or 0)
+        args = parser.parse_args(rest)
+    except SystemExit as exit:  # a malformed command line (2, usage printed) or --help (0)
+        return int(exit.code or 0)
+    return int(module.run(args) or 0)
+
+
+# what to do about an operating-system error, by errno
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "give a file there, not a folder",
+    errno.EEXIST: "choose another path, or remove what is there",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "choose a writable location",
+    errno.ENOSPC: "free disk space, or choose an output on another disk",
+}
+
+
+def _describe(err: OSError | ModuleNotFoundError) -> str:
+    """One line for an error that is not the project's own: what, where, and the fix."""
+    if isinstance(err, ModuleNotFoundError):
+        return (f"this command needs the Python package {err.name!r}, which is not installed; "
+                f"install it (see the optional dependencies in the README)")
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    what = err.strerror or str(err) or type(err).__name__
+    where = f": {' -> '.join(paths)}" if paths else ""
+    return f"{what}{where}; {_OS_FIXES.get(err.errno, 'check the path and try again')}"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dsmoe.errors import ConfigError, DsmoeError
 
@@ -24,6 +24,67 @@ SCORE_FUNCS = ("sigmoid", "softmax")
 #   group_limited_greedy groups scored by their best score (DeepSeek-V2)
 #   greedy               no groups: plain top-k (DeepSeek-V2-Lite)
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
+
+# --- per-field rules -----------------------------------------------------------------------
+# Every numeric field has exactly one rule (tests/model/test_config.py fails when a new
+# field has none). NaN, infinities, bools and numbers too large for a float are never
+# legal; zero only where it means "none of this" (no dense layers, no shared expert, no
+# query compression, no MTP, no YaRN attention factor).
+
+#: No size or count of a real model comes near this; above it, torch fails deep inside
+#: an allocation or an index type instead of naming the field.
+MAX_INT_FIELD = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value <= MAX_INT_FIELD
+
+
+def _is_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int with hundreds of digits
+        return False
+
+
+def _shown(value: Any) -> str:
+    """repr() cut short: a hostile config may hold an int with thousands of digits."""
+    try:
+        text = repr(value)
+    except ValueError:  # Python refuses to print ints over 4300 digits
+        return f"<an int of {value.bit_length()} bits>"
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0,
+                 f"must be a positive integer (at most {MAX_INT_FIELD})")
+_NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0,
+                     f"must be a non-negative integer (at most {MAX_INT_FIELD})")
+_POSITIVE = (lambda v: _is_finite(v) and v > 0, "must be a positive finite number")
+_NON_NEGATIVE = (lambda v: _is_finite(v) and v >= 0,
+                 "must be a finite number >= 0 (0 turns the factor off)")
+
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("vocab_size", "dim", "n_layers", "inter_dim", "n_heads", "max_seq_len",
+                     "moe_inter_dim", "n_routed_experts", "n_activated_experts",
+                     "n_expert_groups", "n_limited_groups", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "original_seq_len"), _POSITIVE_INT),
+    **dict.fromkeys(("n_dense_layers", "n_shared_experts", "q_lora_rank", "n_mtp_layers"),
+                    _NON_NEGATIVE_INT),
+    **dict.fromkeys(("norm_eps", "init_std", "route_scale", "rope_factor", "beta_fast",
+                     "beta_slow"), _POSITIVE),
+    # RoPE divides by log(rope_theta): 1 or less would give infinite or reversed frequencies
+    "rope_theta": (lambda v: _is_finite(v) and v > 1, "must be a finite number greater than 1"),
+    **dict.fromkeys(("mscale", "mscale_all_dim"), _NON_NEGATIVE),
+    "norm_topk_prob": (lambda v: isinstance(v, bool), "must be true or false"),
+    "score_func": (lambda v: isinstance(v, str) and v in SCORE_FUNCS,
+                   f"must be one of {SCORE_FUNCS}"),
+    "topk_method": (lambda v: isinstance(v, str) and v in TOPK_METHODS,
+                    f"must be one of {TOPK_METHODS}"),
+}
 
 
 @dataclass
@@ -85,30 +146,13 @@ class ModelArgs:
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
         def fail(field: str, rule: str) -> None:
-            raise ConfigError(f"ModelArgs.{field}={getattr(self, field)!r}: {rule}")
+            raise ConfigError(f"ModelArgs.{field}={_shown(getattr(self, field))}: {rule}")
 
-        positive = ("vocab_size", "dim", "n_layers", "inter_dim", "n_heads", "max_seq_len",
-                    "moe_inter_dim", "n_routed_experts", "n_activated_experts",
-                    "n_expert_groups", "n_limited_groups", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "original_seq_len")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, "must be a positive integer")
-        for name in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "n_mtp_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(name, "must be a non-negative integer")
-        for name in ("norm_eps", "init_std", "route_scale", "rope_theta", "rope_factor"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                fail(name, "must be a positive finite number")
+        for name, (is_legal, rule) in FIELD_RULES.items():
+            if not is_legal(getattr(self, name)):
+                fail(name, rule)
         if self.n_dense_layers > self.n_layers:
             fail("n_dense_layers", f"cannot exceed n_layers={self.n_layers}")
-        if self.score_func not in SCORE_FUNCS:
-            fail("score_func", f"must be one of {SCORE_FUNCS}")
-        if self.topk_method not in TOPK_METHODS:
-            fail("topk_method", f"must be one of {TOPK_METHODS}")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of values)")
         if self.n_routed_experts % self.n_expert_groups:

@@ -339,13 +339,27 @@ def val_batches(shards: TokenShards, domain: str, batch_size: int, seq_len: int,
     starts = [(record, start) for record in shards.shards("val", domain)
               for start in range(0, record.tokens - window + 1, window)]
     if not starts:
-        raise DataError(f"domain {domain!r} has fewer than {window} validation tokens "
-                        f"({shards.num_tokens('val', domain)}); use a shorter seq_len or a "
-                        "larger val_fraction")
+        require_validation(shards, window, [domain])
     limit = len(starts) if max_batches is None else max_batches * batch_size
     for first in range(0, min(limit, len(starts)), batch_size):
         chunk = starts[first:min(first + batch_size, limit)]
         yield torch.from_numpy(np.stack([_window(shards, r, s, window) for r, s in chunk]))
+
+
+def require_validation(shards: TokenShards, window: int, domains: Iterable[str] | None = None,
+                       shorter: str = "a shorter seq_len") -> None:
+    """A DataError naming every domain whose validation split cannot fill one window of
+    `window` tokens, and the fixes (training calls it before its first step, so a run
+    never trains for hours and then fails at its first evaluation)."""
+    short = {d: shards.num_tokens("val", d) for d in (domains or shards.domains)
+             if not any(r.tokens >= window for r in shards.shards("val", d))}
+    if short:
+        counts = ", ".join(f"{d!r} has {n}" for d, n in short.items())
+        used = shards.manifest.get("settings", {}).get("val_fraction")
+        raise DataError(f"evaluation needs one window of {window} validation tokens per domain, "
+                        f"and in {shards.root} {counts}; re-run `dsmoe prepare --out "
+                        f"{shards.root}` with more text or a larger --val-fraction (it used "
+                        f"{used}), or use {shorter}")
 
 
 def unigram_entropy(shards: TokenShards, split: str = "train",

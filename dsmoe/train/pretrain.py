@@ -178,7 +178,7 @@ def read_metrics(out: str | Path) -> list[dict]:
 # ------------------------------------------------------------------ preparation
 def open_data(data: str | Path, args: ModelArgs, cfg: TrainConfig):
     """The prepared shards, after checking they exist, are not empty and fit the model."""
-    from dsmoe.data.shards import TokenShards
+    from dsmoe.data.shards import TokenShards, require_validation
     data = Path(data)
     if not data.is_dir():
         raise DataError(f"data directory {data} does not exist; create it with "
@@ -195,6 +195,7 @@ def open_data(data: str | Path, args: ModelArgs, cfg: TrainConfig):
     if unknown:
         raise DataError(f"TrainConfig.domains names {unknown}, absent from {data}, which has "
                         f"{shards.domains}")
+    require_validation(shards, cfg.seq_len + 1, shorter='a shorter "seq_len" in a --config file')
     return shards
 
 

@@ -1,5 +1,6 @@
 """The MoE report: routing statistics with known values, cost from flops.py, clear errors."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -142,7 +143,7 @@ def _write_domains(folder, paragraphs: dict[str, int]):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("report_data")
-    # "lonely" has one paragraph: prepare holds none of it out, so it has no validation data.
+    # "lonely" has one paragraph: prepare holds out only its tail, shorter than one sequence.
     src = _write_domains(root / "src", {"prose": 40, "lists": 40, "lonely": 1})
     prepare(root / "data", [src], vocab_size=300, val_fraction=0.2, show_progress=False)
     return root / "data"
@@ -158,8 +159,8 @@ def test_tokenizer_mismatch_and_empty_domain_are_refused(data_dir, tmp_path):
     other = train_tokenizer(["something else entirely"] * 3, vocab_size=300)
     with pytest.raises(DataError, match="different tokenizer"):
         open_data(data_dir, other, None, seq_len=16)
-    with pytest.raises(DataError, match="'lonely' has 0 validation tokens"):
-        open_data(data_dir, tokenizer, None, seq_len=16)
+    with pytest.raises(DataError, match=r"'lonely' has \d+ validation tokens"):
+        open_data(data_dir, tokenizer, None, seq_len=32)
     with pytest.raises(DataError, match="no domain 'poetry'"):
         open_data(data_dir, tokenizer, ["poetry"], seq_len=16)
 
@@ -190,4 +191,4 @@ def test_report_command_on_a_saved_tiny_model(tiny, data_dir, tmp_path, capsys):
     assert main(common + ["--model", str(tmp_path / "other")]) == 1
     assert "different tokenizer" in capsys.readouterr().err
     assert main(common + ["--model", str(tmp_path / "m")]) == 1  # every domain, "lonely" included
-    assert "'lonely' has 0 validation tokens" in capsys.readouterr().err
+    assert re.search(r"'lonely' has \d+ validation tokens", capsys.readouterr().err)

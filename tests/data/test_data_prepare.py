@@ -47,16 +47,20 @@ def test_prepare_user_files(user_files, tmp_path, capsys):
     manifest = prepare(out, [user_files], **SMALL)
     domains = manifest["domains"]
     assert set(domains) == {"harbour_notes", "readme", "records", "mixed", "table"}
-    count = {d: e["train"]["documents"] + e["val"]["documents"] for d, e in domains.items()}
+    count = {d: e["documents"] for d, e in domains.items()}
     assert count == {"harbour_notes": 6, "readme": 3, "records": 12, "mixed": 12, "table": 3}
     assert domains["harbour_notes"]["sources"] == [str(user_files / "harbour notes.txt")]
-    assert all(e["val"]["documents"] >= 1 for e in domains.values())
+    # fewer than 1/0.05 documents each: every domain holds out the tail of its text
+    assert all(e["val"]["documents"] >= 1 and e["held_out"] == "tail" for e in domains.values())
     summary = capsys.readouterr().out
     assert "records" in summary and "train tokens" in summary and "total" in summary
+    assert "harbour_notes: the last " in summary
     shards = TokenShards(out, verify=True)
     tok = shards.tokenizer()
     first = shards.array(shards.shards("train", "harbour_notes")[0]).tolist()
     assert tok.decode(first[:first.index(tok.eos_id)]) in PARAGRAPHS
+    val = shards.array(shards.shards("val", "harbour_notes")[0]).tolist()
+    assert PARAGRAPHS[-1].endswith(tok.decode(val[1:-1]))  # <bos> tail <eos>
 
 
 def test_rerun_reuses_and_a_changed_setting_rebuilds(user_files, tmp_path, capsys):
@@ -153,7 +157,7 @@ def test_parquet_without_text_column(tmp_path):
 
 def test_bad_settings_and_foreign_out_dir(user_files, tmp_path):
     data = [user_files / "mixed.jsonl"]
-    with pytest.raises(DataError, match="val_fraction"):
+    with pytest.raises(DataError, match=r"--val-fraction must be in \[0, 0.5\), got 0.7"):
         prepare(tmp_path / "out", data, val_fraction=0.7, **{**SMALL})
     with pytest.raises(DataError, match="vocab_size 50 is out of range"):
         prepare(tmp_path / "out", data, vocab_size=50, show_progress=False)

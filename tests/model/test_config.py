@@ -1,4 +1,5 @@
 """ModelArgs: presets load, and every validation rule names the field and the rule."""
+import dataclasses
 import json
 
 import pytest
@@ -56,3 +57,73 @@ def test_json_round_trip_and_errors(tmp_path):
         ModelArgs.from_preset("huge")
     with pytest.raises(ConfigError, match="exactly one"):
         load_args(preset="tiny", config=path)
+
+
+# --- every numeric field against hostile values ----------------------------------------------
+# The field list comes from the dataclass, so a new numeric field is tested without being
+# listed here; by default it must be positive. Fields where 0 is legal say why.
+ZERO_IS_LEGAL = {
+    "n_dense_layers": "every layer is MoE",
+    "n_shared_experts": "no shared expert",
+    "q_lora_rank": "no query compression (DeepSeek-V2-Lite)",
+    "n_mtp_layers": "no multi-token prediction",
+    "mscale": "yarn_get_mscale(s, 0) == 1: no YaRN attention factor",
+    "mscale_all_dim": "yarn_get_mscale(s, 0) == 1: softmax scale left as is",
+}
+# Legal values that are still not positive-or-zero in the plain sense.
+SPECIAL_LOWER_BOUND = {"rope_theta": 1.0}  # log(rope_theta) is a divisor in YaRN
+NUMERIC_FIELDS = [f for f in dataclasses.fields(ModelArgs)
+                  if f.type in ("int", "float", int, float)]
+HOSTILE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "zero": 0,
+           "negative": -1, "bool": True, "string": "8", "none": None, "huge": 10**400}
+
+
+def test_the_numeric_field_list_is_complete():
+    names = {f.name for f in NUMERIC_FIELDS}
+    assert {"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_seq_len",
+            "rope_theta", "rope_factor", "norm_eps", "vocab_size", "n_mtp_layers"} <= names
+    assert set(ZERO_IS_LEGAL) | set(SPECIAL_LOWER_BOUND) <= names
+
+
+@pytest.mark.parametrize("value_name", list(HOSTILE))
+@pytest.mark.parametrize("field", [f.name for f in NUMERIC_FIELDS])
+def test_every_numeric_field_rejects_hostile_values(field, value_name):
+    value = HOSTILE[value_name]
+    kind = {f.name: f.type for f in NUMERIC_FIELDS}[field]
+    if value_name == "zero" and field in ZERO_IS_LEGAL:
+        ModelArgs.from_preset("tiny").replace(**{field: 0})  # legal: must not raise
+        ModelArgs.from_preset("deepseek-v3").replace(**{field: 0})
+        return
+    if value_name == "zero" and kind in ("float", float):
+        value = 0.0
+    with pytest.raises(ConfigError) as err:
+        ModelArgs.from_preset("tiny").replace(**{field: value})
+    message = str(err.value)
+    assert message.startswith(f"ModelArgs.{field}=") and "must be" in message
+    assert len(message) < 200  # a 400-digit number is cut short, not printed
+
+
+@pytest.mark.parametrize("field", [f.name for f in NUMERIC_FIELDS if f.type in ("int", int)])
+def test_integer_fields_reject_fractions_and_absurd_sizes(field):
+    for value in (2.5, 2**31, 10**5000):
+        with pytest.raises(ConfigError, match=f"ModelArgs.{field}=.*integer"):
+            ModelArgs.from_preset("tiny").replace(**{field: value})
+
+
+@pytest.mark.parametrize("field, bound", list(SPECIAL_LOWER_BOUND.items()))
+def test_special_lower_bounds(field, bound):
+    with pytest.raises(ConfigError, match=f"ModelArgs.{field}="):
+        ModelArgs.from_preset("tiny").replace(**{field: bound})
+    ModelArgs.from_preset("tiny").replace(**{field: bound * 1.5})
+
+
+def test_yarn_fields_from_a_json_config(tmp_path):
+    """The RoPE/YaRN fields, given as a user would (JSON), name the field."""
+    path = tmp_path / "model.json"
+    base = ModelArgs.from_preset("deepseek-v3").to_dict()
+    for field, value in [("beta_fast", 0), ("beta_slow", -1.0), ("mscale", -0.5),
+                         ("mscale_all_dim", 1e999), ("original_seq_len", 0),
+                         ("rope_factor", float("nan"))]:
+        path.write_text(json.dumps({**base, field: value}))
+        with pytest.raises(ConfigError, match=f"ModelArgs.{field}="):
+            ModelArgs.from_json(path)
