@@ -17,11 +17,11 @@ Notable:
   `bmm` over blocks padded to the busiest expert (`pads_experts`). Tokens move to and
   from the expert rows by gathers only, both ways (`_Dispatch`, `_Combine`): no
   scatter-add. The per-expert loop is kept only as the reference the tests compare against.
-- A third implementation for few tokens at inference (`ragged`): the token-expert pairs
-  sorted by expert and each projection one ragged grouped matmul over the experts' own
-  weights, so an expert costs what its tokens cost (nothing if none chose it): no padding
-  to the busiest expert and no copy of the weights (the fused w1|w3 of the grouped path
-  copies every expert's weights, which a decode step of a few tokens cannot amortise).
+- A third implementation for few tokens at inference (`ragged`, `few_token_experts`): the
+  same slots in the ragged layout, each projection one ragged grouped matmul over the
+  experts' own weights, so an expert costs what its tokens cost (nothing if none chose it):
+  no padding to the busiest expert and no copy of the weights (the grouped path's fused
+  w1|w3 copies every expert's weights, which a decode step of a few tokens cannot amortise).
   `resolve_expert_impl` is the one place that picks among the three; `auto` (the default)
   takes `ragged` when gradients are off and the tokens are few, `grouped` otherwise.
 - The layer returns `RoutingInfo` (choices, weights, affinities, per-expert token counts)
@@ -250,7 +250,7 @@ class RoutedExperts(nn.Module):
         if impl == "grouped":
             return self._forward_grouped(x_TD, ids_TK, weights_TK, load_E)
         if impl == "ragged":
-            experts = ragged_experts if x_TD.is_cuda else _ragged_experts_eager
+            experts = few_token_experts if x_TD.is_cuda else _few_token_experts_eager
             return experts(x_TD, ids_TK, weights_TK, load_E, self.w1_EFD, self.w3_EFD, self.w2_EDF)
         return self._forward_loop(x_TD, ids_TK, weights_TK)
 
@@ -275,22 +275,19 @@ class RoutedExperts(nn.Module):
         return y_TD
 
 
-def ragged_experts(x_TD, ids_TK, weights_TK, load_E, w1_EFD, w3_EFD, w2_EDF) -> torch.Tensor:
-    """The few-token path: pairs sorted by expert, one ragged grouped matmul per projection
-    over the weights in place, results added back to their tokens."""
-    K = ids_TK.shape[1]
-    order_N = ids_TK.flatten().argsort(stable=True)  # pairs sorted by expert
-    offsets_E = load_E.cumsum(0).to(torch.int32)
-    token_N = order_N // K
-    x_ND = x_TD.index_select(0, token_N)
-    h_NF = F.silu(grouped_mm(x_ND, w1_EFD, offsets_E)) * grouped_mm(x_ND, w3_EFD, offsets_E)
-    out_ND = grouped_mm(h_NF, w2_EDF, offsets_E) * weights_TK.flatten()[order_N, None].to(x_TD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_N, out_ND.to(x_TD.dtype))
+def few_token_experts(x_TD, ids_TK, weights_TK, load_E, w1_EFD, w3_EFD, w2_EDF) -> torch.Tensor:
+    """The ragged layout of the grouped path with the weights used in place: w1 and w3 are
+    two ragged matmuls rather than one over their concatenation, which would copy every
+    expert's weights for a few rows."""
+    slots = ExpertSlots.plan(ids_TK, load_E, padded=False)
+    x_SD = slots.dispatch(x_TD)
+    h_SF = F.silu(slots.matmul(x_SD, w1_EFD)) * slots.matmul(x_SD, w3_EFD)
+    return slots.combine(slots.matmul(h_SF, w2_EDF), weights_TK).type_as(x_TD)
 
 
 # torch.compile cannot trace the CPU grouped matmul in fp32 (its meta function wants bf16):
 # on a CPU the few-token path stays eager inside a compiled step.
-_ragged_experts_eager = torch.compiler.disable(ragged_experts)
+_few_token_experts_eager = torch.compiler.disable(few_token_experts)
 
 
 class MoE(nn.Module):

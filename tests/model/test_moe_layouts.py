@@ -90,15 +90,15 @@ def test_auto_takes_the_few_token_path_only_at_inference():
 
 
 def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
-    """A decode-sized call under no_grad goes through `ragged_experts` (and gives the loop's output)."""
+    """A decode-sized call under no_grad goes through `few_token_experts` (and gives the loop's output)."""
     args = ModelArgs.from_preset("tiny")
     torch.manual_seed(0)
     moe = MoE(args)
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
     calls = []
-    real = moe_module._ragged_experts_eager
-    monkeypatch.setattr(moe_module, "_ragged_experts_eager", lambda *a: calls.append(1) or real(*a))
+    real = moe_module._few_token_experts_eager
+    monkeypatch.setattr(moe_module, "_few_token_experts_eager", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(3, args.dim)
     with torch.no_grad():
         y_auto, _ = moe(x)
