@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsmoe import ModelArgs, Transformer, save_hf  # noqa: E402
-from dsmoe.infer.engine import Engine, encode_prompt  # noqa: E402
+from dsmoe.infer.engine import Engine  # noqa: E402
+from dsmoe.infer.requests import tokenize_prompt  # noqa: E402
 from dsmoe.infer.sampling import SamplingParams  # noqa: E402
 
 PRESET = "small"
@@ -153,7 +154,7 @@ def speculative_rows(quick: bool, model_dir: str | None) -> list[dict]:
     model, tokenizer = load_model_dir(path)
     N = 48 if quick else 128
     rounds = 2 if quick else 5
-    prompt = encode_prompt(tokenizer, SPEC_PROMPT)
+    prompt = tokenize_prompt(tokenizer, SPEC_PROMPT)
     N = min(N, model.args.max_seq_len - len(prompt) - 1)
     plain, spec = Engine(model, tokenizer, max_batch=1), Engine(model, tokenizer, max_batch=1, speculative=True)
     params = SamplingParams(max_tokens=N, ignore_eos=True)

@@ -96,12 +96,12 @@ def samples(hf_dir: Path, max_tokens: int = 40) -> list[str]:
     """A sampled continuation of one prompt per domain, from the exported model (seeded:
     the same model gives the same text; greedy decoding of so young a model mostly
     repeats its most frequent token)."""
-    from dsmoe.infer.engine import encode_prompt
     from dsmoe.infer.generate import load_engine
+    from dsmoe.infer.requests import tokenize_prompt
     from dsmoe.infer.sampling import SamplingParams
     engine, tokenizer = load_engine(hf_dir)
     prompts = list(PROMPTS.values())
-    requests = engine.generate([encode_prompt(tokenizer, p) for p in prompts],
+    requests = engine.generate([tokenize_prompt(tokenizer, p) for p in prompts],
                                SamplingParams(max_tokens=max_tokens, temperature=0.7, top_k=50,
                                               seed=0))
     return [f"[{domain}] {prompt!r} -> {request.text!r}"

@@ -41,6 +41,10 @@ class CacheView:
     def batch_size(self) -> int:
         return self.stop - self.start
 
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
     def max_length(self) -> int:
         return int(self.lengths.max()) if self.batch_size else 0
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 
 from dsmoe.errors import DsmoeError
-from dsmoe.infer.engine import Engine, encode_prompt
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.sampling import SamplingParams
 
 
@@ -69,7 +70,7 @@ def run(args) -> int:
         prompts = [chat_ids(tokenizer, p) for p in args.prompt]
         params.stop_token_ids = chat_stop_ids(tokenizer)
     else:
-        prompts = [encode_prompt(tokenizer, p) for p in args.prompt]
+        prompts = [tokenize_prompt(tokenizer, p) for p in args.prompt]
     if len(prompts) == 1:  # stream
         for ev in engine.stream(prompts[0], params):
             sys.stdout.write(ev.text)

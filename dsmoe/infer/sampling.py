@@ -127,7 +127,7 @@ def probs(logits_BV: torch.Tensor, s: SamplingBatch) -> torch.Tensor:
     return torch.where(greedy_B[:, None], one_hot, scaled.softmax(-1))
 
 
-def sample(probs_BV: torch.Tensor, generators: list[torch.Generator] | torch.Generator | None) -> torch.Tensor:
+def draw(probs_BV: torch.Tensor, generators: list[torch.Generator] | torch.Generator | None) -> torch.Tensor:
     """One token per row (B,). A list gives each row its own generator; a single generator
     (or None, the global one) draws for the whole batch at once."""
     if isinstance(generators, list):
@@ -147,4 +147,4 @@ def next_tokens(logits_BV: torch.Tensor, s: SamplingBatch) -> torch.Tensor:
     """Sample the next token of every row (B,); greedy batches skip the random draw."""
     if s.all_greedy:
         return logits_BV.argmax(-1)
-    return sample(probs(logits_BV, s), s.generators)
+    return draw(probs(logits_BV, s), s.generators)

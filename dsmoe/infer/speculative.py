@@ -13,13 +13,16 @@ Each step, for every running request with pending token t_n and a draft d for t_
 4. run the MTP block over the positions just confirmed (1 or 2), which both keeps its own
    cache consistent and yields the next draft.
 
+`MTPSpeculation` is a decoding strategy (`dsmoe/infer/decoding.py`) handed to the engine:
+`Engine(model, decoder=MTPSpeculation())`. It owns the MTP block's cache and each running
+request's pending draft; the engine knows neither.
+
 Notable:
 - The MTP block's cache has its own lengths: it lags the main cache by one position
   (position i needs t_{i+1}). Rejected positions never reach it, so it never rewinds
   anything but padding.
-- After prefill, the MTP block catches up over the whole prompt in chunks
-  (`draft_after_prefill`); from then on each step is one main pass over 2 tokens and one
-  MTP pass over at most 2.
+- After prefill, the MTP block catches up over the whole prompt in chunks (`prefilled`);
+  from then on each step is one main pass over 2 tokens and one MTP pass over at most 2.
 - Batched: rows accept different numbers of tokens and simply end at different lengths.
 Not here: drafting with more than one MTP depth (V3 ships depth 1; a deeper chain would need
 each depth's cache to lag one more position), tree drafts.
@@ -28,112 +31,128 @@ from __future__ import annotations
 
 import torch
 
-from dsmoe.infer.engine import block_forward, forward_hidden, logits, pad_rows, run_chunked
-from dsmoe.infer.sampling import SamplingBatch, probs, sample, uniform
-from dsmoe.model.transformer import resolve_attn_impl
+from dsmoe.errors import DsmoeError
+from dsmoe.infer.cache import CacheView, LatentCache
+from dsmoe.infer.decoding import Decoded
+from dsmoe.infer.forward import over_chunks, pad_rows
+from dsmoe.infer.requests import Request, sampling_batch
+from dsmoe.infer.sampling import SamplingBatch, draw, probs, uniform
+
+# Shape legend: B rows, V vocabulary, D model dim, N drafts per row, M = N + 1 verified positions.
 
 
 # ----------------------------------------------------------------- pure functions
-def mtp_hidden(model, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, cache) -> torch.Tensor:
-    """The depth-1 MTP module over T positions (written to `cache`): its hidden state (B, T, D).
-    `MTPModule.forward` (embedding first), its block run as the engine runs the main ones."""
-    module = model.mtp[0]
-    T = next_tokens_BT.shape[1]
-    cos, sin, mask = model.rope_and_mask(T, cache)
-    x = module.eh_proj(torch.cat([module.enorm(model.embed(next_tokens_BT)), module.hnorm(h_prev_BTD)], dim=-1))
-    h = block_forward(module.block, x, cos, sin, cache.layer(0), mask, resolve_attn_impl("auto", T, True))
-    cache.advance(T)
-    return h
-
-
-def draft_logits(model, h_BD: torch.Tensor) -> torch.Tensor:
-    """MTP hidden state -> logits for the token after next, through the shared head."""
-    return model.head(model.mtp[0].norm(h_BD))
-
-
-def accept(p_BKV: torch.Tensor, q_BDV: torch.Tensor, drafts_BD: torch.Tensor,
+def accept(p_BMV: torch.Tensor, q_BNV: torch.Tensor, drafts_BN: torch.Tensor,
            generators=None, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The standard speculative acceptance rule for D drafts per row.
+    """The standard speculative acceptance rule for N drafts per row.
 
-    p_BKV: target distributions at the D+1 verified positions; q_BDV: the draft
-    distributions each draft was sampled from. Draft i is accepted with probability
+    p_BMV: target distributions at the M = N+1 verified positions; q_BNV: the draft
+    distributions each draft was drawn from. Draft i is accepted with probability
     min(1, p_i(d_i) / q_i(d_i)) while all before it were; at the first rejection the next
-    token is drawn from norm(max(0, p_i - q_i)); if all are accepted, from p_D (bonus).
+    token is drawn from norm(max(0, p_i - q_i)); if all are accepted, from p_N (bonus).
     Returns (number accepted (B,), next token (B,)). `greedy` (one-hot p and q) skips the
     random draws; the result is the same.
     """
-    B, D = drafts_BD.shape
-    p_d = p_BKV[:, :D].gather(-1, drafts_BD[..., None]).squeeze(-1)  # (B, D)
-    q_d = q_BDV.gather(-1, drafts_BD[..., None]).squeeze(-1)
+    B, N = drafts_BN.shape
+    p_d = p_BMV[:, :N].gather(-1, drafts_BN[..., None]).squeeze(-1)  # (B, N)
+    q_d = q_BNV.gather(-1, drafts_BN[..., None]).squeeze(-1)
     if greedy:
         ok = p_d > 0
     else:
-        ok = uniform((B, D), generators, device=p_BKV.device) * q_d < p_d
+        ok = uniform((B, N), generators, device=p_BMV.device) * q_d < p_d
     n_accepted = ok.long().cumprod(-1).sum(-1)  # leading run of accepted drafts
-    rows = torch.arange(B, device=p_BKV.device)
-    p_at = p_BKV[rows, n_accepted]
-    q_at = torch.cat([q_BDV, torch.zeros_like(q_BDV[:, :1])], dim=1)[rows, n_accepted]
+    rows = torch.arange(B, device=p_BMV.device)
+    p_at = p_BMV[rows, n_accepted]
+    q_at = torch.cat([q_BNV, torch.zeros_like(q_BNV[:, :1])], dim=1)[rows, n_accepted]
     residual = (p_at - q_at).clamp_min(0)
     mass = residual.sum(-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)  # p == q: keep p
-    next_B = residual.argmax(-1) if greedy else sample(residual, generators)
+    next_B = residual.argmax(-1) if greedy else draw(residual, generators)
     return n_accepted, next_B
 
 
 def make_drafts(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Draft tokens (B,) and the distributions they were drawn from (B, V)."""
     q_BV = probs(logits_BV, s)
-    d_B = q_BV.argmax(-1) if s.all_greedy else sample(q_BV, s.generators)
+    d_B = q_BV.argmax(-1) if s.all_greedy else draw(q_BV, s.generators)
     return d_B, q_BV
 
 
-# ---------------------------------------------------------- the engine's two hooks
-def draft_after_prefill(engine, joining, rows: range, hidden_BPD: torch.Tensor, first_B: torch.Tensor) -> None:
-    """Catch the MTP block up over freshly prefilled prompts (their `rows` of the draft cache);
-    store each request's first draft."""
-    model = engine.model
-    # MTP input at position i is t_{i+1}: the prompt shifted by one, then the first sampled token.
-    shifted = pad_rows([r.prompt_ids[1:] + [t] for r, t in zip(joining, first_B.tolist())], engine.device)
-
-    def run(c0, c1, m, view):
-        return mtp_hidden(model, hidden_BPD[:m, c0:c1], shifted[:m, c0:c1], view), None
-
-    h_BD, _ = run_chunked(run, [len(r.prompt_ids) for r in joining], engine.prefill_chunk,
-                          engine.draft_cache, rows)
-    s = SamplingBatch.build([r.params for r in joining], [r._generator for r in joining], engine.device)
-    d_B, q_BV = make_drafts(draft_logits(model, h_BD), s)
-    for b, r in enumerate(joining):
-        r._draft = (d_B[b], q_BV[b])
-
-
-def speculative_step(engine, events: list) -> None:
-    """One verify-accept-draft step for every running request (see the module note)."""
-    model, running = engine.model, engine.running
-    n = len(running)
-    s = engine.sampling_batch()
-    drafts_B = torch.stack([r._draft[0] for r in running])
-    q_B1V = torch.stack([r._draft[1] for r in running])[:, None]
-    pending_B = torch.tensor([r.output_ids[-1] for r in running], device=engine.device)
-    tokens_B2 = torch.stack([pending_B, drafts_B], dim=1)
-
-    main = engine.cache.rows(0, n)
-    hidden_B2D = forward_hidden(model, tokens_B2, main, "absorb")
-    logits_B2V = logits(model, hidden_B2D)
+def verify_and_draft(model, pending_B: torch.Tensor, drafts_B: torch.Tensor, q_BV: torch.Tensor,
+                     main: CacheView, mtp: CacheView, s: SamplingBatch):
+    """One speculative step over rows with pending token t_n and draft d (see the module note).
+    Returns (accepted (B,), next token (B,), next draft (B,), its distribution (B, V))."""
+    B = pending_B.shape[0]
+    hidden_B2D, _ = model.hidden(torch.stack([pending_B, drafts_B], dim=1), main, attn_impl="absorb")
+    logits_B2V = model.logits(hidden_B2D)
     p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
-    n_acc_B, next_B = accept(p_B2V, q_B1V, drafts_B[:, None], s.generators, greedy=s.all_greedy)
+    n_acc_B, next_B = accept(p_B2V, q_BV[:, None], drafts_B[:, None], s.generators, greedy=s.all_greedy)
     main.rewind((1 - n_acc_B).cpu())
-
     # The MTP block sees the confirmed positions n (input t_{n+1}) and, if d was accepted, n+1.
-    acc = n_acc_B.bool()
-    mtp_tokens_B2 = torch.stack([torch.where(acc, drafts_B, next_B), next_B], dim=1)
-    draft_view = engine.draft_cache.rows(0, n)
-    h_B2D = mtp_hidden(model, hidden_B2D, mtp_tokens_B2, draft_view)
-    draft_view.rewind((1 - n_acc_B).cpu())
-    h_BD = h_B2D[torch.arange(n, device=engine.device), n_acc_B]
-    d_B, q_BV = make_drafts(draft_logits(model, h_BD), s)
+    mtp_tokens_B2 = torch.stack([torch.where(n_acc_B.bool(), drafts_B, next_B), next_B], dim=1)
+    h_B2D, _ = model.mtp_hidden(1, hidden_B2D, mtp_tokens_B2, mtp)
+    mtp.rewind((1 - n_acc_B).cpu())
+    h_BD = h_B2D[torch.arange(B, device=h_B2D.device), n_acc_B]
+    d_B, q_next_BV = make_drafts(model.mtp_logits(1, h_BD), s)
+    return n_acc_B, next_B, d_B, q_next_BV
 
-    engine.stats.drafted += n
-    engine.stats.accepted += int(n_acc_B.sum())
-    for b, (r, a, d, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_B.tolist(), next_B.tolist())):
-        r._draft = (d_B[b], q_BV[b])
-        events.append(engine._append(r, [d, t] if a else [t]))
+
+# ------------------------------------------------------------------- the strategy
+class MTPSpeculation:
+    """Draft one token with the MTP module, verify it with one main pass (a decoding strategy)."""
+    speculative = True
+    keeps_hidden = True  # the MTP block reads the main model's hidden state at every prompt position
+
+    def __init__(self):
+        self.cache: LatentCache | None = None  # the MTP block's, one row per running request
+        self.drafts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # request id -> (draft, q)
+
+    def attach(self, model, max_len: int, max_rows: int) -> None:
+        args = model.args
+        if args.n_mtp_layers < 1:
+            raise DsmoeError("speculative decoding drafts with the model's MTP module, and this model has "
+                             "none (n_mtp_layers=0): run without speculative decoding")
+        param = next(model.parameters())
+        self.cache = LatentCache(args, 0, max_len, n_layers=1, device=param.device, dtype=param.dtype,
+                                 max_rows=max_rows)
+
+    def acquire(self, n: int) -> None:
+        self.cache.acquire(n)
+
+    def release(self, row: int, request: Request) -> None:
+        self.cache.release(row)
+        self.drafts.pop(request.id, None)
+
+    def draft_of(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending draft of a running request and the distribution it was drawn from."""
+        return self.drafts[request.id]
+
+    def prefilled(self, model, joining: list[Request], rows: range, hidden_BPD: torch.Tensor,
+                  first_B: torch.Tensor, chunk: int) -> None:
+        """Catch the MTP block up over freshly prefilled prompts (their `rows` of its cache);
+        store each request's first draft."""
+        # MTP input at position i is t_{i+1}: the prompt shifted by one, then the first sampled token.
+        shifted = pad_rows([r.prompt_ids[1:] + [t] for r, t in zip(joining, first_B.tolist())],
+                           self.cache.device)
+
+        def mtp_chunk(start: int, stop: int, n_rows: int, view: CacheView):
+            h, _ = model.mtp_hidden(1, hidden_BPD[:n_rows, start:stop], shifted[:n_rows, start:stop], view)
+            return h, None
+
+        h_BD, _ = over_chunks(mtp_chunk, [len(r.prompt_ids) for r in joining], chunk, self.cache, rows)
+        d_B, q_BV = make_drafts(model.mtp_logits(1, h_BD), sampling_batch(joining, self.cache.device))
+        for b, r in enumerate(joining):
+            self.drafts[r.id] = (d_B[b], q_BV[b])
+
+    def decode(self, model, running: list[Request], cache: CacheView, sampling: SamplingBatch) -> Decoded:
+        n = len(running)
+        drafts_B = torch.stack([self.drafts[r.id][0] for r in running])
+        q_BV = torch.stack([self.drafts[r.id][1] for r in running])
+        pending_B = torch.tensor([r.output_ids[-1] for r in running], device=cache.device)
+        n_acc_B, next_B, d_B, q_next_BV = verify_and_draft(model, pending_B, drafts_B, q_BV, cache,
+                                                           self.cache.rows(0, n), sampling)
+        tokens = []
+        for b, (r, a, d, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_B.tolist(), next_B.tolist())):
+            self.drafts[r.id] = (d_B[b], q_next_BV[b])
+            tokens.append([d, t] if a else [t])
+        return Decoded(tokens, drafted=n, accepted=int(n_acc_B.sum()))

@@ -3,10 +3,15 @@
 `Transformer(args)(tokens)` returns logits (B, T, vocab). `run()` returns everything a
 caller may need in one `ModelOutput`: the logits, the final hidden state, the MTP logits
 when asked (training), and the routing of every MoE layer (balancing, analysis).
+`run` is composed of seams the inference engine calls directly, so there is one forward
+pass: `hidden` (the main stack, no input check, no head), `logits` (final norm and head),
+`mtp_hidden` and `mtp_logits` (one MTP depth, optionally over its own cache).
 
 Notable:
 - Attention implementation is chosen in one place (`resolve_attn_impl`): `auto` attends
   naively for training and prefill and in latent space (absorbed) for short decode steps.
+  The routed experts' likewise (`resolve_expert_impl` in `moe.py`): `auto` runs the
+  few-token `ragged` path at inference, the grouped one for training batches.
 - Inputs are checked before any computation: integer ids inside the vocabulary, and no
   position past `max_seq_len`.
 - Single-device code: nothing here reads a rank or a world size; `dsmoe/parallel/` shards a
@@ -25,7 +30,7 @@ from dsmoe.errors import DsmoeError
 from dsmoe.model.block import Block
 from dsmoe.model.layers import RMSNorm
 from dsmoe.model.mla import ATTN_IMPLS
-from dsmoe.model.moe import EXPERT_IMPLS, MoE, RoutedExperts, RoutingInfo
+from dsmoe.model.moe import MoE, RoutedExperts, RoutingInfo, resolve_expert_impl
 from dsmoe.model.mtp import MTPModule
 from dsmoe.model.rope import rope_tables
 
@@ -86,9 +91,9 @@ class Transformer(nn.Module):
             self.rope_sin.copy_(sin)
 
     def set_expert_impl(self, impl: str) -> None:
-        """'grouped' (fast, default) or 'loop' (the per-expert reference)."""
-        if impl not in EXPERT_IMPLS:
-            raise DsmoeError(f"expert impl {impl!r}: choose one of {EXPERT_IMPLS}")
+        """'auto' (default: see `resolve_expert_impl`), 'grouped' (training batches),
+        'ragged' (few tokens at inference) or 'loop' (the per-expert reference)."""
+        resolve_expert_impl(impl, 0, False)  # rejects an unknown name
         for module in self.modules():
             if isinstance(module, RoutedExperts):
                 module.impl = impl
@@ -106,32 +111,65 @@ class Transformer(nn.Module):
             mtp: bool = False) -> ModelOutput:
         """tokens (B, T) int. With `mtp`, depth k predicts t_{i+k+1} at positions i < T-k."""
         self.check_input(tokens, cache)
-        B, T = tokens.shape
+        h, routing = self.hidden(tokens, cache, attn_impl=attn_impl)
+        out = ModelOutput(logits=self.logits(h), hidden=h, routing=routing)
+        if mtp:
+            self._run_mtp(tokens, out, attn_impl)
+        return out
+
+    def hidden(self, tokens_BT: torch.Tensor, cache=None, *,
+               attn_impl: str = "auto") -> tuple[torch.Tensor, list[RoutingInfo]]:
+        """The main stack over new tokens (written to `cache`, then advanced): the last block's
+        output before the final norm (B, T, D), and the routing of every MoE layer.
+        No input check and no output head: `run` adds both; the inference engine, which made
+        its tokens itself, applies `logits` only where it needs them."""
+        T = tokens_BT.shape[1]
         impl = resolve_attn_impl(attn_impl, T, cache is not None)
         cos, sin, mask = self.rope_and_mask(T, cache)
-        h = self.embed(tokens)
+        h = self.embed(tokens_BT)
         routing = []
         for i, layer in enumerate(self.layers):
             h, info = layer(h, cos, sin, cache.layer(i) if cache is not None else None, mask, impl)
             if info is not None:
                 routing.append(info)
-        out = ModelOutput(logits=self.head(self.norm(h)), hidden=h, routing=routing)
-        if mtp:
-            self._run_mtp(tokens, out, cos, sin, impl)
         if cache is not None:
             cache.advance(T)
-        return out
+        return h, routing
 
-    def _run_mtp(self, tokens, out: ModelOutput, cos, sin, impl) -> None:
+    def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head over hidden states from `hidden`."""
+        return self.head(self.norm(h_BTD))
+
+    def mtp_hidden(self, depth: int, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, cache=None, *,
+                   attn_impl: str = "auto") -> tuple[torch.Tensor, RoutingInfo | None]:
+        """MTP module `depth` (1-based) over T positions: position i combines h_prev at i with
+        the embedding of t_{i+depth} (`next_tokens_BT`). Returns its hidden state (B, T, D),
+        before its `norm`, and its routing. `cache`, when given, holds this module's block
+        alone (its layer 0) and is advanced: at inference it lags the main cache by `depth`
+        positions, so it keeps lengths of its own."""
+        T = next_tokens_BT.shape[1]
+        impl = resolve_attn_impl(attn_impl, T, cache is not None)
+        cos, sin, mask = self.rope_and_mask(T, cache)
+        h, info = self.mtp[depth - 1](h_prev_BTD, self.embed(next_tokens_BT), cos, sin,
+                                      cache.layer(0) if cache is not None else None, mask, impl)
+        if cache is not None:
+            cache.advance(T)
+        return h, info
+
+    def mtp_logits(self, depth: int, h_BTD: torch.Tensor) -> torch.Tensor:
+        """MTP module `depth`'s norm, then the shared output head."""
+        return self.head(self.mtp[depth - 1].norm(h_BTD))
+
+    def _run_mtp(self, tokens, out: ModelOutput, attn_impl: str) -> None:
         """Training-time MTP over a full sequence (no cache): depth k sees positions < T-k."""
         h_prev = out.hidden
         T = tokens.shape[1]
-        for k, module in enumerate(self.mtp, start=1):
+        for k in range(1, len(self.mtp) + 1):
             n = T - k
             if n <= 0:
                 break
-            h_prev, info = module(h_prev[:, :n], self.embed(tokens[:, k:]), cos[:, :n], sin[:, :n], None, None, impl)
-            out.mtp_logits.append(self.head(module.norm(h_prev)))
+            h_prev, info = self.mtp_hidden(k, h_prev[:, :n], tokens[:, k:], attn_impl=attn_impl)
+            out.mtp_logits.append(self.mtp_logits(k, h_prev))
             if info is not None:
                 out.mtp_routing.append(info)
 

@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from dsmoe.errors import DsmoeError
-from dsmoe.infer.engine import Engine, encode_prompt, forward_hidden, logits, prefill
 from dsmoe.infer.cache import LatentCache
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.forward import decode_step, prefill
+from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.speculative import MTPSpeculation
 
 
 @torch.no_grad()
@@ -34,27 +37,26 @@ def test_batched_greedy_equals_full_forward(tiny_args, build):
 
 
 @pytest.mark.parametrize("n_new", [1, 2, 5])
-def test_decode_path_equals_model_run(tiny_args, build, n_new):
-    """The engine's decode forward is the model's absorbed forward: logits and hidden (its
-    prefill forward is compared to the model in the chunked-prefill test)."""
+def test_decode_over_the_cache_equals_the_full_forward(tiny_args, build, n_new):
+    """The engine's decode path (absorbed attention over the latent cache, the few-token
+    experts) gives the logits the plain full forward (naive attention, grouped experts, no
+    cache) gives at the same positions, for rows of different lengths."""
     model = build(tiny_args)
     prompts = prompts_of([14, 9, 3], tiny_args.vocab_size, seed=2)
     new = torch.randint(0, tiny_args.vocab_size, (3, n_new))
-    outs = []
-    for step in ("ours", "model"):
-        cache = LatentCache(tiny_args, 0, 32, n_layers=tiny_args.n_layers)
-        rows = cache.acquire(3)
-        with torch.no_grad():
-            prefill(model, prompts, cache, rows, 8)
-            if step == "ours":
-                hidden = forward_hidden(model, new, cache.rows(0, 3), "absorb")
-                outs.append((logits(model, hidden), hidden))
-            else:
-                out = model.run(new, cache.rows(0, 3), attn_impl="absorb")
-                outs.append((out.logits, out.hidden))
-        assert cache.lengths[:3].tolist() == [14 + n_new, 9 + n_new, 3 + n_new]
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=2e-5, rtol=1e-4)
+    cache = LatentCache(tiny_args, 0, 32, n_layers=tiny_args.n_layers)
+    rows = cache.acquire(3)
+    with torch.no_grad():
+        prefill(model, prompts, cache, rows, 8)
+        if n_new == 1:
+            ours = decode_step(model, new, cache.rows(0, 3))[:, None]
+        else:
+            h, _ = model.hidden(new, cache.rows(0, 3), attn_impl="absorb")
+            ours = model.logits(h)
+    assert cache.lengths[:3].tolist() == [14 + n_new, 9 + n_new, 3 + n_new]
+    for b, prompt in enumerate(prompts):
+        full = model.run(torch.tensor([prompt + new[b].tolist()]), attn_impl="naive")
+        torch.testing.assert_close(ours[b], full.logits[0, -n_new:], atol=2e-5, rtol=1e-4)
 
 
 def test_chunked_prefill_equals_one_pass(tiny_args, build):
@@ -97,7 +99,7 @@ def test_requests_joining_a_running_batch_decode_as_if_alone(tiny_args, build):
 def test_streamed_text_is_the_final_text_and_stops_are_applied(tiny_args, build, tokenizer):
     model = build(tiny_args)
     engine = Engine(model, tokenizer)
-    prompt = encode_prompt(tokenizer, "Hello")
+    prompt = tokenize_prompt(tokenizer, "Hello")
     free = engine.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True))[0]
     text = tokenizer.decode(free.output_ids)
     assert free.text == text
@@ -120,7 +122,7 @@ def test_streamed_text_is_the_final_text_and_stops_are_applied(tiny_args, build,
 
 def test_eos_stops_unless_ignored(tiny_args, build, tokenizer):
     model = build(tiny_args)
-    prompt = encode_prompt(tokenizer, "x")
+    prompt = tokenize_prompt(tokenizer, "x")
     free = Engine(model, tokenizer).generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     tokenizer.eos_id = free.output_ids[2]  # a tokenizer whose EOS the model says third
     engine = Engine(model, tokenizer)
@@ -183,7 +185,7 @@ def test_bad_requests_fail_before_any_work(tiny_args, build):
     with pytest.raises(DsmoeError, match="need a tokenizer"):
         engine.add_request([1], SamplingParams(max_tokens=5, stop=["x"]))
     with pytest.raises(DsmoeError, match="n_mtp_layers=0"):
-        Engine(build(tiny_args.replace(n_mtp_layers=0)), speculative=True)
+        Engine(build(tiny_args.replace(n_mtp_layers=0)), decoder=MTPSpeculation())
     assert not engine.has_work()
 
 
@@ -191,21 +193,21 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_args, buil
     import dsmoe.infer.engine as engine_module
 
     model = build(tiny_args)
-    engine = Engine(model, speculative=True)
+    engine = Engine(model, decoder=MTPSpeculation())
     running = engine.add_request([1, 2, 3], SamplingParams(max_tokens=20))
     engine.step()
     joining = engine.add_request([4, 5], SamplingParams(max_tokens=20))
-    real = engine_module.forward_hidden
+    real = engine_module.prefill
 
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine_module, "forward_hidden", broken)
+    monkeypatch.setattr(engine_module, "prefill", broken)
     with pytest.raises(RuntimeError):
         engine.step()  # fails inside the prefill of the joining request
     engine.fail_all("device lost")
     assert running.finish_reason == joining.finish_reason == "error"
-    assert engine.cache.n_used == engine.draft_cache.n_used == 0 and not engine.has_work()
-    monkeypatch.setattr(engine_module, "forward_hidden", real)
+    assert engine.cache.n_used == engine.decoder.cache.n_used == 0 and not engine.has_work()
+    monkeypatch.setattr(engine_module, "prefill", real)
     again = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=6))[0]
     assert again.output_ids == reference_greedy(model, [1, 2, 3], 6)

@@ -12,7 +12,8 @@ import torch
 from dsmoe import ModelArgs, Transformer, save_hf
 from dsmoe.cli import main
 from dsmoe.data.tokenizer import train_tokenizer
-from dsmoe.infer.engine import Engine, encode_prompt
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.generate import chat_ids, chat_stop_ids
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.interop.hf import load_model_dir
@@ -38,7 +39,7 @@ def test_generate_streams_what_the_engine_produces(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--max-tokens", "7",
                  "--ignore-eos"]) == 0
     _, tokenizer = load_model_dir(model_dir)
-    ref = expected(model_dir, encode_prompt(tokenizer, "hello"), max_tokens=7, ignore_eos=True)
+    ref = expected(model_dir, tokenize_prompt(tokenizer, "hello"), max_tokens=7, ignore_eos=True)
     assert ref.text and capsys.readouterr().out == ref.text + "\n"
 
 

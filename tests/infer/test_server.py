@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from dsmoe import ModelArgs, Transformer
-from dsmoe.infer.engine import Engine, encode_prompt
+from dsmoe.infer.engine import Engine
+from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.infer.server import create_app
 
@@ -80,7 +81,7 @@ def direct(setup, prompt_ids, max_tokens, **kw):
 
 def test_completion_equals_the_engine_and_counts_usage(setup, client):
     out = client.completions.create(model=NAME, prompt="Hello there", max_tokens=8, temperature=0)
-    ref = direct(setup, encode_prompt(setup["tokenizer"], "Hello there"), 8)
+    ref = direct(setup, tokenize_prompt(setup["tokenizer"], "Hello there"), 8)
     assert out.choices[0].text == ref.text
     assert out.choices[0].finish_reason == ("length" if ref.finish_reason == "length" else "stop")
     assert out.usage.prompt_tokens == len(ref.prompt_ids) == 12  # BOS + 11 bytes
@@ -253,7 +254,7 @@ def test_32_concurrent_streaming_clients_all_complete(setup):
         results = asyncio.run(main())
     assert len(seen) == 32 and max(seen.batch_sizes) == 8  # the engine's max_batch: the rest waited
     engine = Engine(setup["model"], tok, max_batch=32)
-    refs = engine.generate([encode_prompt(tok, p) for p in prompts],
+    refs = engine.generate([tokenize_prompt(tok, p) for p in prompts],
                            [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
     for (text, usage, reason), ref, n in zip(results, refs, lengths):
         assert reason == "length" and usage.completion_tokens == n

@@ -5,7 +5,7 @@ import torch
 
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.sampling import SamplingParams
-from dsmoe.infer.speculative import accept
+from dsmoe.infer.speculative import MTPSpeculation, accept
 
 
 def prompts_of(lengths, vocab, seed=0):
@@ -19,13 +19,13 @@ def test_greedy_speculative_equals_plain_greedy(tiny_args, agreeing_model, mix):
     prompts = prompts_of([4, 19, 9, 33, 12], tiny_args.vocab_size)
     params = [SamplingParams(max_tokens=n) for n in (20, 25, 7, 30, 1)]
     plain = Engine(model, max_batch=3).generate(prompts, params)
-    engine = Engine(model, max_batch=3, speculative=True, prefill_chunk=8)
+    engine = Engine(model, max_batch=3, decoder=MTPSpeculation(), prefill_chunk=8)
     spec = engine.generate(prompts, params)
     for a, b in zip(plain, spec):
         assert b.output_ids == a.output_ids and b.finish_reason == a.finish_reason
     if mix < 10:
         assert engine.stats.accepted > 0 and engine.stats.accepted < engine.stats.drafted
-    assert engine.cache.n_used == engine.draft_cache.n_used == 0
+    assert engine.cache.n_used == engine.decoder.cache.n_used == 0
 
 
 def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
@@ -45,9 +45,9 @@ def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
             out = model.run(seq, mtp=True)
         # the draft is made at the last position fed to the model, with the pending token
         expected = out.mtp_logits[0][0, -1].log_softmax(-1)
-        torch.testing.assert_close(r._draft[1].log(), expected, atol=3e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.decoder.draft_of(r)[1].log(), expected, atol=3e-5, rtol=1e-5)
         row = engine.running.index(r)
-        assert engine.cache.lengths[row] == engine.draft_cache.lengths[row] == seq.shape[1] - 1
+        assert engine.cache.lengths[row] == engine.decoder.cache.lengths[row] == seq.shape[1] - 1
 
 
 @pytest.mark.parametrize("n_drafts", [1, 3])

@@ -1,11 +1,13 @@
-"""Both layouts of the grouped experts path (padded bmm, ragged grouped_mm) against the
-per-expert loop, whichever one this machine's thread count would pick."""
+"""Both layouts of the grouped experts path (padded bmm, ragged grouped_mm) and the
+few-token path against the per-expert loop, whichever one this machine's thread count
+would pick; and which implementation `auto` picks."""
 import pytest
 import torch
 
 import dsmoe.model.moe as moe_module
 from dsmoe import ModelArgs
-from dsmoe.model.moe import MoE
+from dsmoe.errors import DsmoeError
+from dsmoe.model.moe import RAGGED_MAX_TOKENS, MoE, resolve_expert_impl
 
 
 def run(moe: MoE, x: torch.Tensor, impl: str, bias=None):
@@ -21,10 +23,11 @@ def run(moe: MoE, x: torch.Tensor, impl: str, bias=None):
     return y.detach(), xi.grad, grads, routing
 
 
-@pytest.mark.parametrize("padded", [True, False], ids=["padded", "ragged"])
+@pytest.mark.parametrize("layout", ["padded", "ragged", "few_tokens"])
 @pytest.mark.parametrize("case", ["balanced", "idle_experts", "top1"])
-def test_layout_equals_loop(monkeypatch, padded, case):
-    monkeypatch.setattr(moe_module, "pads_experts", lambda device, load_E=None: padded)
+def test_layout_equals_loop(monkeypatch, layout, case):
+    monkeypatch.setattr(moe_module, "pads_experts", lambda device, load_E=None: layout == "padded")
+    impl = "ragged" if layout == "few_tokens" else "grouped"
     changes = {"n_activated_experts": 1, "n_limited_groups": 1} if case == "top1" else {}
     args = ModelArgs.from_preset("tiny").replace(**changes)
     torch.manual_seed(0)
@@ -35,7 +38,7 @@ def test_layout_equals_loop(monkeypatch, padded, case):
     bias = torch.tensor([5.0, 5.0, 5.0] + [0.0] * 5) if case == "idle_experts" else None
     x = torch.randn(45, args.dim)
     y_l, dx_l, g_l, _ = run(moe, x, "loop", bias)
-    y_g, dx_g, g_g, routing = run(moe, x, "grouped", bias)
+    y_g, dx_g, g_g, routing = run(moe, x, impl, bias)
     if case == "idle_experts":
         assert routing.load_E[3:].sum() == 0
     torch.testing.assert_close(y_g, y_l, atol=1e-6, rtol=1e-5)
@@ -44,12 +47,13 @@ def test_layout_equals_loop(monkeypatch, padded, case):
         torch.testing.assert_close(g_g[name], g_l[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("padded", [True, False], ids=["padded", "ragged"])
-def test_no_tokens(monkeypatch, padded):
+@pytest.mark.parametrize("layout", ["padded", "ragged", "few_tokens"])
+def test_no_tokens(monkeypatch, layout):
     """Zero rows (an expert-parallel rank may receive none) give zero rows and gradients."""
-    monkeypatch.setattr(moe_module, "pads_experts", lambda device, load_E=None: padded)
+    monkeypatch.setattr(moe_module, "pads_experts", lambda device, load_E=None: layout == "padded")
     args = ModelArgs.from_preset("tiny")
     experts = MoE(args).experts
+    experts.impl = "ragged" if layout == "few_tokens" else "grouped"
     for p in experts.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
     x = torch.randn(0, args.dim, requires_grad=True)
@@ -73,3 +77,32 @@ def test_padding_only_for_an_even_load(monkeypatch):
     assert not moe_module.pads_experts(torch.device("meta"), torch.tensor([10, 10, 10, 10]))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert not moe_module.pads_experts(cpu, torch.tensor([10, 10, 10, 10]))
+
+
+def test_auto_takes_the_few_token_path_only_at_inference():
+    assert resolve_expert_impl("auto", 1, grad_enabled=False) == "ragged"
+    assert resolve_expert_impl("auto", RAGGED_MAX_TOKENS, grad_enabled=False) == "ragged"
+    assert resolve_expert_impl("auto", RAGGED_MAX_TOKENS + 1, grad_enabled=False) == "grouped"
+    assert resolve_expert_impl("auto", 1, grad_enabled=True) == "grouped"  # training batches
+    assert resolve_expert_impl("loop", 1, grad_enabled=False) == "loop"  # an explicit choice stands
+    with pytest.raises(DsmoeError, match="choose 'auto' or one of"):
+        resolve_expert_impl("fused", 1, grad_enabled=False)
+
+
+def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
+    """A decode-sized call under no_grad goes through `few_token_experts` (and gives the loop's output)."""
+    args = ModelArgs.from_preset("tiny")
+    torch.manual_seed(0)
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    calls = []
+    real = moe_module._few_token_experts_eager
+    monkeypatch.setattr(moe_module, "_few_token_experts_eager", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, args.dim)
+    with torch.no_grad():
+        y_auto, _ = moe(x)
+        moe.experts.impl = "loop"
+        y_loop, _ = moe(x)
+    assert calls == [1]
+    torch.testing.assert_close(y_auto, y_loop, atol=1e-6, rtol=1e-5)
