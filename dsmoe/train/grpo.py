@@ -20,6 +20,7 @@ not in gradient, and the clip never binds; with more, later updates are clipped.
 whose completions all score the same carry no signal (A = 0) and are counted in the log.
 Std is the unbiased sample std over the group, as TRL and DeepSeekMath's code compute it.
 
+Rollouts and the held-out accuracy are `math_eval.py`'s.
 Logged per iteration: mean reward, verifier accuracy, KL to the reference, mean response
 length, clipped share, groups without signal. Before and after training, accuracy on
 held-out problems (mathgen's test split) is measured greedily and as the policy samples
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import random
 import time
@@ -45,8 +47,8 @@ from dsmoe.device import autocast
 from dsmoe.errors import ConfigError, DataError
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.finetune import check_out, load_model, prepare_run, save_model_dir
-from dsmoe.train.math_eval import (generate_completions, held_out_problems, make_engine, math_accuracy,
-                                   paired_change, prompt_ids)
+from dsmoe.train.math_eval import (describe_accuracy, generate_completions, held_out_accuracy,
+                                   held_out_problems, make_engine, paired_change, prompt_ids)
 from dsmoe.train.optim import TrainingDiverged, build_optimizer, check_finite, finish_step, lr_at, set_lr
 from dsmoe.train.rewards import RewardFn, math_reward
 
@@ -158,26 +160,6 @@ class GRPOConfig:
                            device=device, threads=threads, balance="none")
 
 
-# ------------------------------------------------------------- held-out accuracy
-def held_out_accuracy(model, tokenizer, problems, cfg: "GRPOConfig", engine) -> dict[str, dict]:
-    """Greedy accuracy, and the policy's own: `eval_samples` draws per problem at the
-    rollout temperature (what GRPO maximises)."""
-    result = {"greedy": math_accuracy(model, tokenizer, problems, cfg.max_new_tokens, engine=engine)}
-    if cfg.eval_samples:
-        result["sampled"] = math_accuracy(model, tokenizer, problems, cfg.max_new_tokens, engine=engine,
-                                          temperature=cfg.temperature, samples=cfg.eval_samples,
-                                          seed=cfg.seed)
-    return result
-
-
-def _describe(acc: dict[str, dict]) -> str:
-    text = f"greedy {acc['greedy']['accuracy']:.3f}"
-    if "sampled" in acc:
-        s = acc["sampled"]
-        text += f", sampled {s['accuracy']:.3f} ({s['samples']} per problem at T={s['temperature']})"
-    return text + f"; mean length {acc['greedy']['mean_length']:.1f} tokens"
-
-
 # --------------------------------------------------------------------- the update
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     """Prompt+completion rows right-padded, and the mask of completion targets (B, T-1)."""
@@ -224,6 +206,14 @@ def policy_update(model, ref_model, optimizer, tokens_BT, mask_BT, adv_B, cfg: G
     params = [p for p in model.parameters() if p.requires_grad]
     stats["grad_norm"] = finish_step(optimizer, params, cfg.clip, _diverged)
     return stats
+
+
+@torch.no_grad()
+def _sampler_logprobs(model, tokens_BT: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """log π_old over the rollout batch: the policy that sampled it, fixed while the batch's
+    `updates` steps move the policy (micro-batch by micro-batch, as the update runs)."""
+    return torch.cat([sequence_logprobs(model, tokens_BT[i:i + cfg.micro_batch], cfg.temperature)
+                      for i in range(0, tokens_BT.shape[0], cfg.micro_batch)])
 
 
 def _diverged(what: str, value: float) -> TrainingDiverged:
@@ -280,9 +270,11 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
     stream = mathgen.problems("train", seed=cfg.seed, difficulty=cfg.difficulty, kinds=cfg.kinds)
     held_out = held_out_problems(cfg.eval_problems, cfg.seed, cfg.difficulty, cfg.kinds)
     engine = make_engine(model, tokenizer, max(cfg.prompts * cfg.group_size, 32), model.args.max_seq_len)
-    before = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
+    measure = functools.partial(held_out_accuracy, model, tokenizer, held_out, engine, cfg.max_new_tokens,
+                                cfg.temperature, cfg.eval_samples, cfg.seed)
+    before = measure() if held_out else {}
     if held_out:
-        log(f"held-out accuracy before, {len(held_out)} problems: {_describe(before)}")
+        log(f"held-out accuracy before, {len(held_out)} problems: {describe_accuracy(before)}")
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
     optimizer = build_optimizer(model, device_cfg)
     rng = random.Random(f"dsmoe.grpo/{cfg.seed}")
@@ -291,11 +283,7 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
         t0 = time.perf_counter()
         batch = rollout(model, engine, tokenizer, [next(stream) for _ in range(cfg.prompts)], cfg, reward, rng)
         model.train()
-        old = None
-        if cfg.updates > 1:  # π_old: the policy that sampled, fixed for this batch's updates
-            with torch.no_grad():
-                old = torch.cat([sequence_logprobs(model, batch.tokens_BT[i:i + cfg.micro_batch], cfg.temperature)
-                                 for i in range(0, batch.tokens_BT.shape[0], cfg.micro_batch)])
+        old = _sampler_logprobs(model, batch.tokens_BT, cfg) if cfg.updates > 1 else None
         for update in range(cfg.updates):
             set_lr(optimizer, lr_at(it * cfg.updates + update, device_cfg))
             stats = policy_update(model, ref_model, optimizer, batch.tokens_BT, batch.mask_BT, batch.adv_B,
@@ -303,10 +291,10 @@ def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainC
         records.append(_iteration_record(it + 1, batch, stats, time.perf_counter() - t0))
         log(_describe_iteration(records[-1], cfg))
     model.eval()
-    after = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
+    after = measure() if held_out else {}
     change = {how: paired_change(before[how], after[how]) for how in before}
     if held_out:
-        log(f"held-out accuracy after: {_describe(after)}")
+        log(f"held-out accuracy after: {describe_accuracy(after)}")
         for how, c in change.items():
             log(f"{how}: {c['change']:+.3f} ± {c['stderr']:.3f} over {c['draws']} paired draws "
                 f"({c['improved']} turned right, {c['worsened']} wrong; sign test p = {c['p_value']:.3g})")

@@ -74,6 +74,26 @@ def math_accuracy(model, tokenizer, problems: list[mathgen.MathProblem], max_new
             "samples": samples, "temperature": temperature, "correct": correct}
 
 
+def held_out_accuracy(model, tokenizer, problems: list[mathgen.MathProblem], engine, max_new_tokens: int,
+                      temperature: float, samples: int, seed: int) -> dict[str, dict]:
+    """Greedy accuracy, and the policy's own: `samples` draws per problem at `temperature`
+    (what GRPO maximises; none when `samples` is 0)."""
+    result = {"greedy": math_accuracy(model, tokenizer, problems, max_new_tokens, engine=engine)}
+    if samples:
+        result["sampled"] = math_accuracy(model, tokenizer, problems, max_new_tokens, engine=engine,
+                                          temperature=temperature, samples=samples, seed=seed)
+    return result
+
+
+def describe_accuracy(acc: dict[str, dict]) -> str:
+    """One line for a `held_out_accuracy` result."""
+    text = f"greedy {acc['greedy']['accuracy']:.3f}"
+    if "sampled" in acc:
+        s = acc["sampled"]
+        text += f", sampled {s['accuracy']:.3f} ({s['samples']} per problem at T={s['temperature']})"
+    return text + f"; mean length {acc['greedy']['mean_length']:.1f} tokens"
+
+
 def paired_change(before: dict, after: dict) -> dict[str, float]:
     """After minus before over the same draws (same problems, same seeds): the mean change,
     its standard error from the per-draw differences, the draws that turned right and
