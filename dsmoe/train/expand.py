@@ -44,10 +44,10 @@ import copy
 
 import torch
 
+from dsmoe.analysis.routing import main_moe_blocks
 from dsmoe.config import ModelArgs
 from dsmoe.errors import ConfigError
 from dsmoe.model import Transformer
-from dsmoe.analysis.routing import main_moe_blocks
 from dsmoe.train.esft import EXPERT_WEIGHTS, expert_affinity
 from dsmoe.train.finetune import (add_arguments_common, eval_losses, finetune, format_losses, packed_batches,
                                   save_model_dir)
@@ -196,12 +196,12 @@ def run(args: argparse.Namespace) -> int:
                               # a broken expansion fails before the data is read
                               check_model=lambda model: ExpansionPlan(model.args, args.add))
     model, cfg, evals = task_run.model, task_run.cfg, task_run.evals
-    sample = packed_batches(task_run.task.train, cfg.seq_len, cfg.batch_size, task_run.pad_id,
-                            args.eval_rows)
+    task_sample = packed_batches(task_run.task.train, cfg.seq_len, cfg.batch_size, task_run.pad_id,
+                                 args.eval_rows)
 
     before = eval_losses(model, evals)
     print("before expansion: " + format_losses(before))
-    ranking = expert_affinity(model, sample)["token"] if args.init == "copy" else None
+    ranking = expert_affinity(model, task_sample)["token"] if args.init == "copy" else None
     compare_model = copy.deepcopy(model) if args.compare else None
     expanded, plan = expand_model(model, args.add, args.init, args.noise, args.seed, ranking)
     del model, task_run.model  # the expanded copy replaces it
