@@ -80,8 +80,8 @@ def fit_steps(args: ModelArgs, shards, budget_s: float, probe_steps: int = 2) ->
 def expert_load_table(model, shards, seq_len: int, n_tokens: int = 4096) -> list[str]:
     """Per MoE layer: MaxVio and the least and most loaded expert (relative to the mean)
     over `n_tokens` validation tokens of every domain."""
-    from dsmoe.analysis.report import collect_routing, eval_batches
-    batches = {d: list(eval_batches(shards, d, 8, seq_len, n_tokens)) for d in shards.domains}
+    from dsmoe.analysis.report import collect_routing, validation_inputs
+    batches = {d: list(validation_inputs(shards, d, 8, seq_len, n_tokens)) for d in shards.domains}
     stats = collect_routing(model, batches)
     lines = [f"{'layer':>5}  {'MaxVio':>7}  {'min load':>8}  {'max load':>8}   (load / mean load, "
              f"{sum(b.numel() for bs in batches.values() for b in bs)} validation tokens)"]

@@ -174,7 +174,7 @@ def cmd_yarn(a) -> None:
 
 def _val(run: Path) -> dict[str, float]:
     """The last validation losses per domain that `dsmoe train` logged."""
-    from dsmoe.train.pretrain import read_metrics
+    from dsmoe.train.run_dir import read_metrics
 
     vals = [m["val"] for m in read_metrics(run) if "val" in m]
     if not vals:
@@ -183,7 +183,7 @@ def _val(run: Path) -> dict[str, float]:
 
 
 def _steps(run: Path) -> list[dict]:
-    from dsmoe.train.pretrain import read_metrics
+    from dsmoe.train.run_dir import read_metrics
     return [m for m in read_metrics(run) if "loss" in m]
 
 

@@ -12,10 +12,9 @@ Each claim made for a DeepSeek-style MoE gets one measured or counted figure:
   experts (each token counts K times, once per chosen expert). A plug-in estimate is biased
   upwards on finite data, so the same estimate on domain labels shuffled across tokens is
   reported beside it: specialisation is the gap between the two.
-- A fraction of the parameters, fewer FLOPs, a smaller cache, less energy: the counts of
-  `dsmoe/analysis/flops.py` (not re-derived here), set against a dense model of the same
-  total size (the same config with every routed expert active), and an energy estimate from
-  a named accelerator's peak throughput and power at a stated utilisation.
+- A fraction of the parameters, fewer FLOPs, a smaller cache, less energy: `cost.py`'s
+  figures (the counts of `flops.py`, set against a dense model of the same total size,
+  and an energy estimate from a named accelerator's peak throughput and power).
 Routing comes from `model.run(tokens).routing`, exactly what the forward pass used.
 The report is Markdown with PNG figures (`plots.py`) and a `report.json` with every number.
 
@@ -28,15 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from dsmoe.analysis.flops import count_params, flops_per_token, kv_cache_bytes
-from dsmoe.analysis.routing import moe_block_ids
-from dsmoe.config import ModelArgs
+from dsmoe.analysis.cost import DEFAULT_UTILISATION, CostReport, cost_report
+from dsmoe.analysis.routing import main_moe_blocks
 from dsmoe.errors import DataError
 from dsmoe.train.balance import max_violation
 
@@ -117,7 +115,7 @@ def collect_routing(model, batches: Mapping[str, Iterable[torch.Tensor]], seed: 
     `batches` maps a domain name to its token batches; every token of a batch is routed
     and labelled with that domain.
     """
-    layers = moe_block_ids(model)
+    layers = [i for i, _ in main_moe_blocks(model)]
     if not layers:
         raise DataError(f"this model has no MoE layer (n_dense_layers={model.args.n_dense_layers} "
                         f"of n_layers={model.args.n_layers}): there is no routing to report")
@@ -149,68 +147,6 @@ def collect_routing(model, batches: Mapping[str, Iterable[torch.Tensor]], seed: 
         mi_shuffled.append(mutual_information(_joint_counts(shuffled_N, ids_NK, len(domains), n_experts)))
     tokens_D = torch.bincount(labels_N, minlength=len(domains))
     return RoutingStats(layers, domains, top_k, torch.stack(counts), tokens_D, mi, mi_shuffled)
-
-
-# --- cost -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Accelerator:
-    """Peak throughput and board power of one accelerator, from its vendor's datasheet."""
-    name: str
-    peak_flops: float  # dense (no sparsity) FLOP/s at the stated precision
-    watts: float
-    source: str
-
-    def joules_per_flop(self, utilisation: float) -> float:
-        """Energy per FLOP when the chip draws its full power at `utilisation` of peak."""
-        return self.watts / (self.peak_flops * utilisation)
-
-
-H100_SXM = Accelerator(
-    name="NVIDIA H100 SXM", peak_flops=989.4e12, watts=700.0,
-    source="NVIDIA H100 Tensor Core GPU datasheet: 989.4 TFLOP/s dense BF16 (1,979 with "
-           "2:4 sparsity), up to 700 W max thermal design power")
-DEFAULT_UTILISATION = 0.4
-
-
-def dense_equivalent(args: ModelArgs) -> ModelArgs:
-    """The same config with every routed expert active on every token: a dense model of the
-    same total size (its FFN is the concatenation of all experts)."""
-    return args.replace(n_activated_experts=args.n_routed_experts,
-                        n_limited_groups=args.n_expert_groups)
-
-
-@dataclass
-class CostReport:
-    context: int  # keys each token attends to, for the attention FLOPs
-    accelerator: Accelerator
-    utilisation: float
-    params: dict = field(default_factory=dict)
-    flops: dict = field(default_factory=dict)  # "moe" / "dense" -> FlopCounts.to_dict()
-    kv_cache: dict = field(default_factory=dict)
-    energy_wh_per_million: dict = field(default_factory=dict)  # (model, phase) -> Wh
-
-    def to_dict(self) -> dict:
-        return {"context": self.context, "accelerator": vars(self.accelerator),
-                "utilisation": self.utilisation, "joules_per_flop":
-                self.accelerator.joules_per_flop(self.utilisation), "params": self.params,
-                "flops": self.flops, "kv_cache": self.kv_cache,
-                "energy_wh_per_million_tokens": self.energy_wh_per_million}
-
-
-def cost_report(args: ModelArgs, context: int, accelerator: Accelerator = H100_SXM,
-                utilisation: float = DEFAULT_UTILISATION, dtype_bytes: int = 2) -> CostReport:
-    """Parameters, FLOPs per token, cache per token and energy per million tokens."""
-    if not 0 < utilisation <= 1:
-        raise DataError(f"utilisation={utilisation}: must be in (0, 1] (a share of peak FLOP/s)")
-    flops = {"moe": flops_per_token(args, context), "dense": flops_per_token(dense_equivalent(args), context)}
-    joules = accelerator.joules_per_flop(utilisation)
-    energy = {f"{name}_{phase}": getattr(f, phase) * 1e6 * joules / 3600.0
-              for name, f in flops.items() for phase in ("forward", "training")}
-    return CostReport(context, accelerator, utilisation, params=count_params(args).to_dict(),
-                      flops={k: f.to_dict() for k, f in flops.items()},
-                      kv_cache=kv_cache_bytes(args, dtype_bytes).to_dict(),
-                      energy_wh_per_million=energy)
 
 
 # --- Markdown -------------------------------------------------------------------------------------
@@ -346,8 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
 
 
-def open_data(data_dir: str | Path, tokenizer, domains: list[str] | None, seq_len: int):
-    """The data directory, checked against the model's tokenizer and the sequence length."""
+def open_validation_shards(data_dir: str | Path, tokenizer, domains: list[str] | None, seq_len: int):
+    """(shards, domains to evaluate) of a data directory, checked against the model's
+    tokenizer and the sequence length: every chosen domain holds a validation sequence."""
     from dsmoe.data.shards import TokenShards
 
     shards = TokenShards(data_dir)
@@ -369,7 +306,7 @@ def open_data(data_dir: str | Path, tokenizer, domains: list[str] | None, seq_le
     return shards, chosen
 
 
-def eval_batches(shards, domain: str, batch_size: int, seq_len: int, n_tokens: int) -> Iterable[torch.Tensor]:
+def validation_inputs(shards, domain: str, batch_size: int, seq_len: int, n_tokens: int) -> Iterable[torch.Tensor]:
     """The first ceil(n_tokens / seq_len) validation sequences of a domain, in batches.
     Validation windows hold seq_len + 1 tokens (inputs and targets); the inputs are routed."""
     from dsmoe.data.shards import val_batches
@@ -393,9 +330,9 @@ def run(args) -> int:
     if args.seq_len > model.args.max_seq_len:
         raise DataError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len="
                         f"{model.args.max_seq_len}; give --seq-len {model.args.max_seq_len} or less")
-    shards, domains = open_data(args.data, tokenizer, args.domains, args.seq_len)
+    shards, domains = open_validation_shards(args.data, tokenizer, args.domains, args.seq_len)
     cost = cost_report(model.args, args.context or model.args.max_seq_len, utilisation=args.utilisation)
-    batches = {d: eval_batches(shards, d, args.batch_size, args.seq_len, args.tokens_per_domain)
+    batches = {d: validation_inputs(shards, d, args.batch_size, args.seq_len, args.tokens_per_domain)
                for d in domains}
     stats = collect_routing(model, batches, seed=args.seed)
     notes = [f"model: `{args.model}`", f"data: `{args.data}` (validation split, tokenizer sha256 "

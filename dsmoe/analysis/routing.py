@@ -22,10 +22,14 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dsmoe.errors import DataError, DsmoeError
+
+if TYPE_CHECKING:
+    from dsmoe.model.moe import MoE
 
 
 @dataclass
@@ -42,14 +46,17 @@ class RouteTrace:
         return self.experts_LTK.shape[-1]
 
 
-def moe_block_ids(model) -> list[int]:
-    """Block indices of the main stack's MoE layers: the order of `ModelOutput.routing`."""
-    return [i for i, block in enumerate(model.layers) if block.is_moe]
+def main_moe_blocks(model) -> list[tuple[int, MoE]]:
+    """(block index, MoE layer) of the main stack, in the order of `ModelOutput.routing`.
+    `Transformer.moe_layers()` lists the main stack's MoE layers first, then the MTP
+    modules'; they are blocks n_dense_layers..n_layers-1 (the dense blocks come first)."""
+    args = model.args
+    return list(enumerate(model.moe_layers()[:args.n_moe_layers], start=args.n_dense_layers))
 
 
 def trace_routes(model, token_ids: list[int], token_texts: list[str] | None = None) -> RouteTrace:
     """Run one sequence through `model` and keep what every MoE layer chose for it."""
-    layers = moe_block_ids(model)
+    layers = [i for i, _ in main_moe_blocks(model)]
     if not layers:
         raise DsmoeError(f"this model has no MoE layer (n_layers={model.args.n_layers}, "
                          f"n_dense_layers={model.args.n_dense_layers}): there is no routing to show")
@@ -65,7 +72,7 @@ def trace_routes(model, token_ids: list[int], token_texts: list[str] | None = No
                       experts_LTK.gather(-1, order_LTK), weights_LTK.gather(-1, order_LTK))
 
 
-def encode_prompt(tokenizer, text: str, max_seq_len: int, add_bos: bool = True) -> list[int]:
+def encode_trace_text(tokenizer, text: str, max_seq_len: int, add_bos: bool = True) -> list[int]:
     """Token ids of `text`, checked against the model's context before anything runs."""
     if not text.strip():
         raise DataError("the prompt is empty: give some text with --prompt TEXT or --file PATH")
@@ -82,7 +89,7 @@ def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
 
 
 def route_text(model, tokenizer, text: str, add_bos: bool = True) -> RouteTrace:
-    ids = encode_prompt(tokenizer, text, model.args.max_seq_len, add_bos)
+    ids = encode_trace_text(tokenizer, text, model.args.max_seq_len, add_bos)
     return trace_routes(model, ids, token_texts(tokenizer, ids))
 
 
@@ -169,7 +176,7 @@ def load_model_and_tokenizer(model_dir: str, device: str = "auto"):
 def run(args) -> int:
     text = _read_prompt(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.device)
-    ids = encode_prompt(tokenizer, text, model.args.max_seq_len, add_bos=not args.no_bos)
+    ids = encode_trace_text(tokenizer, text, model.args.max_seq_len, add_bos=not args.no_bos)
     trace = trace_routes(model, ids, token_texts(tokenizer, ids))
     if args.json == "-":
         print(json.dumps(to_json(trace), ensure_ascii=False, indent=1))

@@ -213,6 +213,14 @@ def _compile_template(source: str):
     return _TEMPLATE_CACHE[source]
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn besides EOS: the default chat template's `<|end|>`,
+    when the vocabulary has it (a checkpoint's own template may end turns with EOS alone).
+    Generation stops on these when it answers a chat turn."""
+    end = getattr(tokenizer, "token_to_id", lambda _: None)(END)
+    return [end] if end is not None else []
+
+
 def check_vocab_size(vocab_size: int) -> None:
     """Raise DataError unless a byte-level BPE of this size can be trained."""
     minimum = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())

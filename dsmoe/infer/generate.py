@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from dsmoe.data.tokenizer import end_of_turn_ids
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.requests import tokenize_prompt
@@ -33,8 +34,7 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 def chat_stop_ids(tokenizer) -> list[int]:
     """The end-of-turn token of our default chat template, when the vocabulary has it."""
-    end = getattr(tokenizer, "token_to_id", lambda _: None)("<|end|>")
-    return [end] if end is not None else []
+    return end_of_turn_ids(tokenizer)
 
 
 def add_arguments(parser) -> None:

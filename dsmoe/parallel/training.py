@@ -1,7 +1,8 @@
 """What the training loop asks of the process group, in one object: `DistTraining`.
 
 `dsmoe train` started by torchrun gets one (`DistTraining.from_env`); a plain run gets
-None and never touches torch.distributed. The loop then asks it to shard the model, cut
+None and never touches torch.distributed: the loop then uses `LocalTraining`, the twin
+with the same methods (`dsmoe/train/session.py`). The loop asks it to shard the model, cut
 its rows out of the global batch, sum the expert loads, clip by the global gradient norm,
 average logged scalars, and save or load sharded checkpoints.
 

@@ -33,9 +33,10 @@ import time
 
 import torch
 
+from dsmoe.analysis.routing import main_moe_blocks
 from dsmoe.device import autocast
 from dsmoe.errors import ConfigError, DataError, DsmoeError
-from dsmoe.train.finetune import (add_arguments_common, eval_batches, eval_losses, finetune, format_losses,
+from dsmoe.train.finetune import (add_arguments_common, eval_losses, finetune, format_losses, packed_batches,
                                   save_model_dir)
 from dsmoe.train.freeze import RowFreeze, count_trainable, freeze_all_but
 from dsmoe.train.packing import PAD_SEGMENT, PackedBatch
@@ -43,11 +44,6 @@ from dsmoe.train.task_data import start_task_run
 
 SCORES = ("gate", "token")
 EXPERT_WEIGHTS = ("w1_EFD", "w3_EFD", "w2_EDF")
-
-
-def main_moe_blocks(model) -> list[tuple[int, object]]:
-    """(block index, MoE) of the main stack, in the order of `ModelOutput.routing`."""
-    return [(i, block.ffn) for i, block in enumerate(model.layers) if block.is_moe]
 
 
 @torch.no_grad()
@@ -145,9 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.share <= 1:
         raise ConfigError(f"--share {args.share} selects no expert: give a share in (0, 1]")
-    run = start_task_run(args, args.task, "task", balance="none")  # the router is frozen
-    model, cfg, evals = run.model, run.cfg, run.evals
-    affinity_sample = eval_batches(run.task.train, cfg.seq_len, cfg.batch_size, run.pad_id, args.affinity_rows)
+    task_run = start_task_run(args, args.task, "task", balance="none")  # the router is frozen
+    model, cfg, evals = task_run.model, task_run.cfg, task_run.evals
+    affinity_sample = packed_batches(task_run.task.train, cfg.seq_len, cfg.batch_size, task_run.pad_id,
+                                     args.affinity_rows)
 
     base = eval_losses(model, evals)
     print("start: " + format_losses(base))
@@ -161,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
           f"({', '.join(str(len(s)) for s in selection)}); {trained:,} of {total:,} parameters "
           f"({trained / total:.2%}) train")
     t0 = time.perf_counter()
-    records = finetune(model, run.stream(), cfg, freeze=freeze)
+    records = finetune(model, task_run.stream(), cfg, freeze=freeze)
     results = {"esft": {"losses": eval_losses(model, evals), "trainable": trained,
                         "trainable_fraction": trained / total, "seconds": time.perf_counter() - t0}}
     print("esft: " + format_losses(results["esft"]["losses"]))
     if full_model is not None:
         t0 = time.perf_counter()
-        finetune(full_model, run.stream(), cfg)
+        finetune(full_model, task_run.stream(), cfg)
         full_trained, _ = count_trainable(full_model)
         results["full"] = {"losses": eval_losses(full_model, evals), "trainable": full_trained,
                            "trainable_fraction": full_trained / total,
@@ -180,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
               "affinity": {k: v.tolist() for k, v in affinity.items()},
               "start": {"losses": base}, **results, "parameters": total,
               "gain": {name: {d: base[d] - r["losses"][d] for d in base} for name, r in results.items()}}
-    save_model_dir(model, run.tokenizer, run.out, report, records)
-    print(f"wrote {run.out}")
+    save_model_dir(model, task_run.tokenizer, task_run.out, report, records)
+    print(f"wrote {task_run.out}")
     return 0
 

@@ -44,11 +44,12 @@ import copy
 
 import torch
 
+from dsmoe.analysis.routing import main_moe_blocks
 from dsmoe.config import ModelArgs
 from dsmoe.errors import ConfigError
 from dsmoe.model import Transformer
-from dsmoe.train.esft import EXPERT_WEIGHTS, expert_affinity, main_moe_blocks
-from dsmoe.train.finetune import (add_arguments_common, eval_batches, eval_losses, finetune, format_losses,
+from dsmoe.train.esft import EXPERT_WEIGHTS, expert_affinity
+from dsmoe.train.finetune import (add_arguments_common, eval_losses, finetune, format_losses, packed_batches,
                                   save_model_dir)
 from dsmoe.train.freeze import RowFreeze, count_trainable, freeze_all_but
 from dsmoe.train.task_data import start_task_run
@@ -191,25 +192,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run = start_task_run(args, args.data, "new", balance="bias", gamma=args.gamma,
-                         # a broken expansion fails before the data is read
-                         check_model=lambda model: ExpansionPlan(model.args, args.add))
-    model, cfg, evals = run.model, run.cfg, run.evals
-    sample = eval_batches(run.task.train, cfg.seq_len, cfg.batch_size, run.pad_id, args.eval_rows)
+    task_run = start_task_run(args, args.data, "new", balance="bias", gamma=args.gamma,
+                              # a broken expansion fails before the data is read
+                              check_model=lambda model: ExpansionPlan(model.args, args.add))
+    model, cfg, evals = task_run.model, task_run.cfg, task_run.evals
+    task_sample = packed_batches(task_run.task.train, cfg.seq_len, cfg.batch_size, task_run.pad_id,
+                                 args.eval_rows)
 
     before = eval_losses(model, evals)
     print("before expansion: " + format_losses(before))
-    ranking = expert_affinity(model, sample)["token"] if args.init == "copy" else None
+    ranking = expert_affinity(model, task_sample)["token"] if args.init == "copy" else None
     compare_model = copy.deepcopy(model) if args.compare else None
     expanded, plan = expand_model(model, args.add, args.init, args.noise, args.seed, ranking)
-    del model, run.model  # the expanded copy replaces it
+    del model, task_run.model  # the expanded copy replaces it
     expanded_losses = eval_losses(expanded, evals)
     share_before = {d: new_expert_share(expanded, b, plan) for d, b in evals.items()}
     print(f"expanded to {plan.new_args.n_routed_experts} experts per layer: " + format_losses(expanded_losses))
     freeze = None if args.train_old else freeze_old(expanded, plan)
     trained, total = count_trainable(expanded, freeze)
     print(f"training {trained:,} of {total:,} parameters ({trained / total:.2%})")
-    records = finetune(expanded, run.stream(), cfg, freeze=freeze)
+    records = finetune(expanded, task_run.stream(), cfg, freeze=freeze)
     after = eval_losses(expanded, evals)
     share_after = {d: new_expert_share(expanded, b, plan) for d, b in evals.items()}
     print("after training: " + format_losses(after))
@@ -222,13 +224,13 @@ def run(args: argparse.Namespace) -> int:
               "change": {d: after[d] - before[d] for d in before},
               "new_expert_share": {"expanded": share_before, "after": share_after}}
     if compare_model is not None:
-        finetune(compare_model, run.stream(), cfg)
+        finetune(compare_model, task_run.stream(), cfg)
         report["without_expansion"] = {"losses": eval_losses(compare_model, evals)}
         report["without_expansion"]["change"] = {d: report["without_expansion"]["losses"][d] - before[d]
                                                  for d in before}
         print("same training without expansion: " + format_losses(report["without_expansion"]["losses"]))
     expanded.requires_grad_(True)
-    save_model_dir(expanded, run.tokenizer, run.out, report, records)
-    print(f"wrote {run.out}")
+    save_model_dir(expanded, task_run.tokenizer, task_run.out, report, records)
+    print(f"wrote {task_run.out}")
     return 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,9 +32,10 @@ from dsmoe.errors import CheckpointError, DataError
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.freeze import RowFreeze
-from dsmoe.train.optim import build_optimizer, lr_at, set_lr
+from dsmoe.train.optim import TrainingDiverged, build_optimizer, check_finite, finish_step, lr_at, set_lr
 from dsmoe.train.packing import Example, PackedBatch, PackedStream, collate, masked_lm_loss, pack_rows
-from dsmoe.train.pretrain import METRICS_FILE, TrainingDiverged, _seed_everything
+from dsmoe.train.run_dir import METRICS_FILE
+from dsmoe.train.session import seed_everything
 
 REPORT_FILE = "training_report.json"
 
@@ -116,14 +116,15 @@ def prepare_run(device: str = "auto", threads: int = 0, seed: int = 0) -> torch.
     device = resolve_device(device)
     if device.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
-    _seed_everything(seed)
+    seed_everything(seed)
     return device
 
 
 # ------------------------------------------------------------------------ evaluation
-def eval_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id: int = 0,
-                 max_rows: int | None = None) -> list[PackedBatch]:
-    """Held-out examples packed once, in order, into batches (the first `max_rows` rows)."""
+def packed_batches(examples: list[Example], seq_len: int, batch_size: int, pad_id: int = 0,
+                   max_rows: int | None = None) -> list[PackedBatch]:
+    """Examples packed once, in order, into a fixed list of batches (the first `max_rows`
+    rows): held-out sets, and the task sample ESFT and expansion measure routing on."""
     rows, _ = pack_rows(examples, seq_len)
     rows = rows[:max_rows]
     return [collate(examples, rows[i:i + batch_size], seq_len, pad_id)
@@ -170,6 +171,7 @@ def finetune(model, stream: PackedStream, cfg: TrainConfig, *, freeze: RowFreeze
     records: list[dict] = []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
+        diverged = _diverged(step + 1)
         lr = lr_at(step, cfg)
         set_lr(optimizer, lr)
         loss_sum, tokens = 0.0, 0
@@ -180,20 +182,13 @@ def finetune(model, stream: PackedStream, cfg: TrainConfig, *, freeze: RowFreeze
                 loss = masked_lm_loss(out.logits, batch.targets_BT, batch.loss_mask_BT)
                 bal = balancer.loss(out.routing, batch.inputs_BT.shape[0])
                 total = loss if bal is None else loss + bal
-            if not math.isfinite(float(total.detach())):
-                raise TrainingDiverged(f"the loss is {float(total)} at step {step + 1}; nothing "
-                                       "was written: lower --lr and run again")
+            check_finite("loss", float(total.detach()), diverged)
             (total / cfg.grad_accum).backward()
             loss_sum += float(loss.detach()) / cfg.grad_accum
             tokens += batch.n_targets
         if freeze is not None:
             freeze.zero_grads()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"the gradient norm is {grad_norm} at step {step + 1}; nothing "
-                                   "was written: lower --lr and run again")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = finish_step(optimizer, params, cfg.clip, diverged)
         maxvio = balancer.step()
         if freeze is not None:
             freeze.restore()  # after the balancer too: it moves the gate biases
@@ -211,3 +206,10 @@ def finetune(model, stream: PackedStream, cfg: TrainConfig, *, freeze: RowFreeze
             log(f"step {done}: held-out loss {format_losses(val)}")
     model.eval()
     return records
+
+
+def _diverged(step: int):
+    def error(what: str, value: float) -> TrainingDiverged:
+        return TrainingDiverged(f"the {what} is {value} at step {step}; nothing was written: "
+                                "lower --lr and run again")
+    return error

@@ -20,6 +20,7 @@ not in gradient, and the clip never binds; with more, later updates are clipped.
 whose completions all score the same carry no signal (A = 0) and are counted in the log.
 Std is the unbiased sample std over the group, as TRL and DeepSeekMath's code compute it.
 
+Rollouts and the held-out accuracy are `math_eval.py`'s.
 Logged per iteration: mean reward, verifier accuracy, KL to the reference, mean response
 length, clipped share, groups without signal. Before and after training, accuracy on
 held-out problems (mathgen's test split) is measured greedily and as the policy samples
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
+import functools
 import math
 import random
 import time
@@ -41,14 +42,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dsmoe.data import mathgen
-from dsmoe.data.tokenizer import END
+from dsmoe.data.tokenizer import end_of_turn_ids
 from dsmoe.device import autocast
 from dsmoe.errors import ConfigError, DataError
-from dsmoe.train.chat_data import math_prompt
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.finetune import check_out, load_model, prepare_run, save_model_dir
-from dsmoe.train.optim import build_optimizer, lr_at, set_lr
-from dsmoe.train.pretrain import TrainingDiverged
+from dsmoe.train.math_eval import (describe_accuracy, generate_completions, held_out_accuracy,
+                                   held_out_problems, make_engine, paired_change, prompt_ids)
+from dsmoe.train.optim import TrainingDiverged, build_optimizer, check_finite, finish_step, lr_at, set_lr
 from dsmoe.train.rewards import RewardFn, math_reward
 
 
@@ -159,100 +160,6 @@ class GRPOConfig:
                            device=device, threads=threads, balance="none")
 
 
-# ---------------------------------------------------------------------- rollouts
-def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn besides EOS (our `<|end|>`, when present)."""
-    end = tokenizer.token_to_id(END)
-    return [end] if end is not None else []
-
-
-def prompt_ids(tokenizer, problem: mathgen.MathProblem) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template(math_prompt(problem), add_generation_prompt=True))
-
-
-def make_engine(model, tokenizer, max_batch: int, max_len: int):
-    from dsmoe.infer.engine import Engine
-
-    return Engine(model, tokenizer, max_batch=max_batch, max_len=min(max_len, model.args.max_seq_len))
-
-
-def sample(engine, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-           seeds: list[int] | None, stop: list[int]):
-    """Completions of each prompt, in order (temperature 0: greedy)."""
-    from dsmoe.infer.sampling import SamplingParams
-
-    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                             seed=None if seeds is None else seeds[i], stop_token_ids=stop)
-              for i in range(len(prompts))]
-    return engine.generate(prompts, params)
-
-
-def math_accuracy(model, tokenizer, problems: list[mathgen.MathProblem], max_new_tokens: int,
-                  batch: int = 32, engine=None, temperature: float = 0.0, samples: int = 1,
-                  seed: int = 0) -> dict[str, float]:
-    """Exact-answer accuracy and mean completion length on `problems`: greedy, or the mean
-    over `samples` completions per problem at `temperature`. Sample j of problem i always
-    uses the same seed, so two models compared on the same problems draw with the same
-    random numbers (a paired comparison, with less noise than independent draws)."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems for _ in range(samples)]
-    answers = [p.answer for p in problems for _ in range(samples)]
-    seeds = None if temperature == 0 else [seed * 1_000_003 + i for i in range(len(prompts))]
-    engine = engine or make_engine(model, tokenizer, batch, max(map(len, prompts)) + max_new_tokens)
-    stop, correct, lengths = stop_ids(tokenizer), [], 0
-    for i in range(0, len(prompts), batch):
-        reqs = sample(engine, prompts[i:i + batch], max_new_tokens, temperature,
-                      None if seeds is None else seeds[i:i + batch], stop)
-        for req, answer in zip(reqs, answers[i:i + batch]):
-            correct.append(int(math_reward(req.text, answer) > 0))
-            lengths += len(req.output_ids)
-    n = max(len(prompts), 1)
-    return {"accuracy": sum(correct) / n, "mean_length": lengths / n, "problems": len(problems),
-            "samples": samples, "temperature": temperature, "correct": correct}
-
-
-def paired_change(before: dict, after: dict) -> dict[str, float]:
-    """After minus before over the same draws (same problems, same seeds): the mean change,
-    its standard error from the per-draw differences, the draws that turned right and
-    wrong, and the exact two-sided sign-test (McNemar) p-value on those discordant draws."""
-    a, b = before["correct"], after["correct"]
-    if len(a) != len(b) or not a:
-        raise ValueError("a paired comparison needs the same, non-empty set of draws")
-    d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    stderr = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
-    improved, worsened = d.count(1), d.count(-1)
-    k = improved + worsened
-    tail = sum(math.comb(k, i) for i in range(min(improved, worsened) + 1)) / 2 ** k if k else 1.0
-    return {"change": mean, "stderr": stderr, "draws": n, "improved": improved, "worsened": worsened,
-            "p_value": min(1.0, 2 * tail)}
-
-
-def held_out_accuracy(model, tokenizer, problems, cfg: "GRPOConfig", engine) -> dict[str, dict]:
-    """Greedy accuracy, and the policy's own: `eval_samples` draws per problem at the
-    rollout temperature (what GRPO maximises)."""
-    result = {"greedy": math_accuracy(model, tokenizer, problems, cfg.max_new_tokens, engine=engine)}
-    if cfg.eval_samples:
-        result["sampled"] = math_accuracy(model, tokenizer, problems, cfg.max_new_tokens, engine=engine,
-                                          temperature=cfg.temperature, samples=cfg.eval_samples,
-                                          seed=cfg.seed)
-    return result
-
-
-def _describe(acc: dict[str, dict]) -> str:
-    text = f"greedy {acc['greedy']['accuracy']:.3f}"
-    if "sampled" in acc:
-        s = acc["sampled"]
-        text += f", sampled {s['accuracy']:.3f} ({s['samples']} per problem at T={s['temperature']})"
-    return text + f"; mean length {acc['greedy']['mean_length']:.1f} tokens"
-
-
-def held_out_problems(n: int, seed: int = 0, difficulty: int | None = 1,
-                      kinds: tuple[str, ...] | None = None) -> list[mathgen.MathProblem]:
-    """The first `n` problems of mathgen's test split: never trained on by SFT or GRPO."""
-    return list(itertools.islice(mathgen.problems("test", seed=seed, difficulty=difficulty, kinds=kinds), n))
-
-
 # --------------------------------------------------------------------- the update
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     """Prompt+completion rows right-padded, and the mask of completion targets (B, T-1)."""
@@ -290,133 +197,158 @@ def policy_update(model, ref_model, optimizer, tokens_BT, mask_BT, adv_B, cfg: G
                 ref = sequence_logprobs(ref_model, tokens, cfg.temperature)
         old = logp.detach() if old_logp_BT is None else old_logp_BT[sl][:, :logp.shape[1]]
         loss, s = grpo_loss(logp, old, ref, adv_B[sl], mask, cfg.clip_eps, cfg.beta, n_sequences=B)
-        if not math.isfinite(float(loss.detach())):
-            raise TrainingDiverged(f"the GRPO loss is {float(loss)}; nothing was written: lower "
-                                   "--lr or raise --beta and run again")
+        check_finite("loss", float(loss.detach()), _diverged)
         loss.backward()
         share = tokens.shape[0] / B
         stats["loss"] += float(loss.detach())
         stats["kl"] += s["kl"] * share
         stats["clipped"] += s["clipped"] * share
     params = [p for p in model.parameters() if p.requires_grad]
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
-    if not math.isfinite(stats["grad_norm"]):
-        raise TrainingDiverged("the GRPO gradient norm is not finite; nothing was written: lower --lr")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    stats["grad_norm"] = finish_step(optimizer, params, cfg.clip, _diverged)
     return stats
 
 
+@torch.no_grad()
+def _sampler_logprobs(model, tokens_BT: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """log π_old over the rollout batch: the policy that sampled it, fixed while the batch's
+    `updates` steps move the policy (micro-batch by micro-batch, as the update runs)."""
+    return torch.cat([sequence_logprobs(model, tokens_BT[i:i + cfg.micro_batch], cfg.temperature)
+                      for i in range(0, tokens_BT.shape[0], cfg.micro_batch)])
+
+
+def _diverged(what: str, value: float) -> TrainingDiverged:
+    return TrainingDiverged(f"the GRPO {what} is {value}; nothing was written: lower --lr or raise "
+                            "--beta and run again")
+
+
+# ---------------------------------------------------------------------- rollouts
+@dataclass
+class Rollout:
+    """One iteration's `group_size` completions of each of its problems, scored."""
+    tokens_BT: torch.Tensor  # prompt + completion rows, right-padded
+    mask_BT: torch.Tensor  # completion targets (B, T-1)
+    adv_B: torch.Tensor  # advantage of each completion, relative to its group
+    rewards_PG: torch.Tensor
+    correct: list[float]  # the verifier's score of each completion
+    lengths: list[int]  # completion tokens
+
+
+def rollout(model, engine, tokenizer, problems: list[mathgen.MathProblem], cfg: GRPOConfig,
+            reward: RewardFn, rng: random.Random) -> Rollout:
+    """Sample `group_size` completions of each problem (seeds drawn from `rng`), score them
+    with `reward` and the verifier, and turn rewards into group-relative advantages."""
+    device, max_len = next(model.parameters()).device, model.args.max_seq_len
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    too_long = max(map(len, prompts)) + cfg.max_new_tokens - max_len
+    if too_long > 0:
+        raise DataError(f"a prompt plus max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+                        f"context of {max_len}; lower --max-new-tokens by {too_long}")
+    expanded = [p for p in prompts for _ in range(cfg.group_size)]
+    seeds = [rng.getrandbits(62) for _ in expanded]
+    model.eval()
+    reqs = generate_completions(engine, expanded, cfg.max_new_tokens, cfg.temperature, seeds,
+                                end_of_turn_ids(tokenizer))
+    rewards, correct = [], []
+    for k, req in enumerate(reqs):
+        problem = problems[k // cfg.group_size]
+        info = {"answer": problem.answer, "question": problem.question, "kind": problem.kind,
+                "difficulty": problem.difficulty}
+        rewards.append(reward(mathgen.as_prompt(problem), req.text, **info))
+        correct.append(math_reward(req.text, problem.answer))
+    rewards_PG = torch.tensor(rewards).view(len(problems), cfg.group_size)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    tokens, mask = completion_batch(expanded, [r.output_ids for r in reqs], pad_id)
+    return Rollout(tokens.to(device), mask.to(device), group_advantages(rewards_PG).flatten().to(device),
+                   rewards_PG, correct, [len(r.output_ids) for r in reqs])
+
+
+# -------------------------------------------------------------------------- loop
 def grpo(model, tokenizer, cfg: GRPOConfig, reward: RewardFn, device_cfg: TrainConfig,
          log=print) -> tuple[list[dict], dict]:
     """Train `model` in place; returns (per-iteration records, held-out before/after)."""
     cfg.validate()
-    device = next(model.parameters()).device
     stream = mathgen.problems("train", seed=cfg.seed, difficulty=cfg.difficulty, kinds=cfg.kinds)
     held_out = held_out_problems(cfg.eval_problems, cfg.seed, cfg.difficulty, cfg.kinds)
-    stop = stop_ids(tokenizer)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    max_len = model.args.max_seq_len
-    engine = make_engine(model, tokenizer, max(cfg.prompts * cfg.group_size, 32), max_len)
-    before = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
+    engine = make_engine(model, tokenizer, max(cfg.prompts * cfg.group_size, 32), model.args.max_seq_len)
+    measure = functools.partial(held_out_accuracy, model, tokenizer, held_out, engine, cfg.max_new_tokens,
+                                cfg.temperature, cfg.eval_samples, cfg.seed)
+    before = measure() if held_out else {}
     if held_out:
-        log(f"held-out accuracy before, {len(held_out)} problems: {_describe(before)}")
-    ref_model = None
-    if cfg.beta:
-        ref_model = copy.deepcopy(model).eval()
-        ref_model.requires_grad_(False)
+        log(f"held-out accuracy before, {len(held_out)} problems: {describe_accuracy(before)}")
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
     optimizer = build_optimizer(model, device_cfg)
     rng = random.Random(f"dsmoe.grpo/{cfg.seed}")
-    records, step = [], 0
+    records = []
     for it in range(cfg.iterations):
         t0 = time.perf_counter()
-        problems = [next(stream) for _ in range(cfg.prompts)]
-        prompts = [prompt_ids(tokenizer, p) for p in problems]
-        too_long = max(map(len, prompts)) + cfg.max_new_tokens - max_len
-        if too_long > 0:
-            raise DataError(f"a prompt plus max_new_tokens={cfg.max_new_tokens} exceeds the model's "
-                            f"context of {max_len}; lower --max-new-tokens by {too_long}")
-        expanded = [p for p in prompts for _ in range(cfg.group_size)]
-        seeds = [rng.getrandbits(62) for _ in expanded]
-        model.eval()
-        reqs = sample(engine, expanded, cfg.max_new_tokens, cfg.temperature, seeds, stop)
-        rewards, correct = [], []
-        for k, req in enumerate(reqs):
-            problem = problems[k // cfg.group_size]
-            info = {"answer": problem.answer, "question": problem.question, "kind": problem.kind,
-                    "difficulty": problem.difficulty}
-            rewards.append(reward(mathgen.as_prompt(problem), req.text, **info))
-            correct.append(math_reward(req.text, problem.answer))
-        rewards_PG = torch.tensor(rewards).view(cfg.prompts, cfg.group_size)
-        adv_B = group_advantages(rewards_PG).flatten().to(device)
-        tokens, mask = completion_batch(expanded, [r.output_ids for r in reqs], pad_id)
-        tokens, mask = tokens.to(device), mask.to(device)
+        batch = rollout(model, engine, tokenizer, [next(stream) for _ in range(cfg.prompts)], cfg, reward, rng)
         model.train()
-        old = None
-        if cfg.updates > 1:
-            with torch.no_grad():
-                old = torch.cat([sequence_logprobs(model, tokens[i:i + cfg.micro_batch], cfg.temperature)
-                                 for i in range(0, tokens.shape[0], cfg.micro_batch)])
-        for _ in range(cfg.updates):
-            set_lr(optimizer, lr_at(step, device_cfg))
-            stats = policy_update(model, ref_model, optimizer, tokens, mask, adv_B, cfg, old)
-            step += 1
-        record = {"iteration": it + 1, "reward": float(rewards_PG.mean()),
-                  "accuracy": sum(correct) / len(correct), "kl": stats["kl"],
-                  "response_length": sum(len(r.output_ids) for r in reqs) / len(reqs),
-                  "clipped": stats["clipped"], "loss": stats["loss"], "grad_norm": stats["grad_norm"],
-                  "groups_without_signal": int((rewards_PG.std(-1) == 0).sum()),
-                  "seconds": time.perf_counter() - t0}
-        records.append(record)
-        log(f"iteration {it + 1}/{cfg.iterations} reward {record['reward']:.3f} accuracy "
-            f"{record['accuracy']:.3f} kl {record['kl']:.4f} length {record['response_length']:.1f} "
-            f"no-signal groups {record['groups_without_signal']}/{cfg.prompts} "
-            f"({record['seconds']:.1f}s)")
+        old = _sampler_logprobs(model, batch.tokens_BT, cfg) if cfg.updates > 1 else None
+        for update in range(cfg.updates):
+            set_lr(optimizer, lr_at(it * cfg.updates + update, device_cfg))
+            stats = policy_update(model, ref_model, optimizer, batch.tokens_BT, batch.mask_BT, batch.adv_B,
+                                  cfg, old)
+        records.append(_iteration_record(it + 1, batch, stats, time.perf_counter() - t0))
+        log(_describe_iteration(records[-1], cfg))
     model.eval()
-    after = held_out_accuracy(model, tokenizer, held_out, cfg, engine) if held_out else {}
+    after = measure() if held_out else {}
     change = {how: paired_change(before[how], after[how]) for how in before}
     if held_out:
-        log(f"held-out accuracy after: {_describe(after)}")
+        log(f"held-out accuracy after: {describe_accuracy(after)}")
         for how, c in change.items():
             log(f"{how}: {c['change']:+.3f} ± {c['stderr']:.3f} over {c['draws']} paired draws "
                 f"({c['improved']} turned right, {c['worsened']} wrong; sign test p = {c['p_value']:.3g})")
     return records, {"before": before, "after": after, "change": change}
 
 
+def _iteration_record(iteration: int, batch: Rollout, stats: dict[str, float], seconds: float) -> dict:
+    return {"iteration": iteration, "reward": float(batch.rewards_PG.mean()),
+            "accuracy": sum(batch.correct) / len(batch.correct), "kl": stats["kl"],
+            "response_length": sum(batch.lengths) / len(batch.lengths),
+            "clipped": stats["clipped"], "loss": stats["loss"], "grad_norm": stats["grad_norm"],
+            "groups_without_signal": int((batch.rewards_PG.std(-1) == 0).sum()), "seconds": seconds}
+
+
+def _describe_iteration(r: dict, cfg: GRPOConfig) -> str:
+    return (f"iteration {r['iteration']}/{cfg.iterations} reward {r['reward']:.3f} accuracy "
+            f"{r['accuracy']:.3f} kl {r['kl']:.4f} length {r['response_length']:.1f} "
+            f"no-signal groups {r['groups_without_signal']}/{cfg.prompts} ({r['seconds']:.1f}s)")
+
+
 # -------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GRPOConfig()
+    defaults = GRPOConfig()
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="the policy to start from (a checkpoint directory; usually after SFT)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the trained model")
-    parser.add_argument("--iterations", type=int, default=d.iterations,
-                        help=f"rollout batches (default {d.iterations})")
-    parser.add_argument("--prompts", type=int, default=d.prompts,
-                        help=f"problems per iteration (default {d.prompts})")
-    parser.add_argument("--group-size", type=int, default=d.group_size,
-                        help=f"completions per problem (default {d.group_size})")
-    parser.add_argument("--updates", type=int, default=d.updates,
-                        help=f"optimizer steps per rollout batch (default {d.updates})")
-    parser.add_argument("--micro-batch", type=int, default=d.micro_batch)
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=d.temperature)
-    parser.add_argument("--clip-eps", type=float, default=d.clip_eps)
-    parser.add_argument("--beta", type=float, default=d.beta, help=f"KL weight (default {d.beta})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
-    parser.add_argument("--difficulty", type=int, default=d.difficulty,
+    parser.add_argument("--iterations", type=int, default=defaults.iterations,
+                        help=f"rollout batches (default {defaults.iterations})")
+    parser.add_argument("--prompts", type=int, default=defaults.prompts,
+                        help=f"problems per iteration (default {defaults.prompts})")
+    parser.add_argument("--group-size", type=int, default=defaults.group_size,
+                        help=f"completions per problem (default {defaults.group_size})")
+    parser.add_argument("--updates", type=int, default=defaults.updates,
+                        help=f"optimizer steps per rollout batch (default {defaults.updates})")
+    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--clip-eps", type=float, default=defaults.clip_eps)
+    parser.add_argument("--beta", type=float, default=defaults.beta, help=f"KL weight (default {defaults.beta})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
+    parser.add_argument("--difficulty", type=int, default=defaults.difficulty,
                         help="mathgen difficulty 1-5 (default 1); 0 mixes 1-4")
     parser.add_argument("--kinds", default=None,
                         help=f"comma-separated problem kinds (default: all of {', '.join(mathgen.KINDS)})")
-    parser.add_argument("--eval-problems", type=int, default=d.eval_problems,
-                        help=f"held-out problems for accuracy before/after (default {d.eval_problems})")
-    parser.add_argument("--eval-samples", type=int, default=d.eval_samples,
+    parser.add_argument("--eval-problems", type=int, default=defaults.eval_problems,
+                        help=f"held-out problems for accuracy before/after (default {defaults.eval_problems})")
+    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
                         help="sampled completions per held-out problem at --temperature, besides "
-                             f"greedy (default {d.eval_samples}; 0: greedy only)")
+                             f"greedy (default {defaults.eval_samples}; 0: greedy only)")
     parser.add_argument("--reward-fn", metavar="FILE.py:NAME",
                         help="a Python reward function instead of the exact-answer verifier; "
                              "called as fn(prompt=..., completion=..., answer=..., question=..., "
                              "kind=..., difficulty=...) and must return a number")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
 

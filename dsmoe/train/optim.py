@@ -1,4 +1,5 @@
-"""AdamW with parameter groups, and the learning-rate schedules (warmup, then cosine or WSD).
+"""AdamW with parameter groups, the learning-rate schedules (warmup, then cosine or WSD),
+and the end of every optimizer step.
 
 Parameter groups (decided here, once): weight decay applies to every matrix the model
 multiplies by — attention and dense projections, the stacked routed-expert weights, the
@@ -17,16 +18,30 @@ counter alone and resuming needs nothing else: linear warmup from lr/warmup to l
 - `constant`: lr after warmup.
 AdamW uses PyTorch's fused kernel where the device has one (CPU and CUDA in torch >= 2.4):
 one pass over all parameters instead of one kernel per tensor.
+Every loop (pretraining, fine-tuning, GRPO) ends a step with `finish_step`: clip by the
+global gradient norm, refuse a NaN/Inf norm before any weight moves, step, clear. A
+non-finite loss is refused the same way (`check_finite`), before its backward pass; each
+loop says in its `diverged` function what was kept and what to change.
 Not here: per-layer learning rates, muP scaling, 8-bit optimizer states.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from dsmoe.errors import DsmoeError
 from dsmoe.train.config import TrainConfig
+
+
+class TrainingDiverged(DsmoeError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+#: (what, value) -> the error a loop raises for a non-finite loss or gradient norm.
+Diverged = Callable[[str, float], TrainingDiverged]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -71,3 +86,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def check_finite(what: str, value: float, diverged: Diverged) -> float:
+    """`value`, or the loop's `diverged(what, value)` raised when it is NaN or infinite."""
+    if not math.isfinite(value):
+        raise diverged(what, value)
+    return value
+
+
+def finish_step(optimizer: torch.optim.Optimizer, parameters, clip: float, diverged: Diverged,
+                clip_grad_norm_: Callable = torch.nn.utils.clip_grad_norm_) -> float:
+    """The end of an optimizer step, after the backward passes: clip the gradients to global
+    norm `clip` (<= 0: measure only), refuse a non-finite norm before any weight moves, step
+    and clear the gradients. Returns the norm before clipping. `clip_grad_norm_(parameters,
+    max_norm)` clips: torch's over parameters, or a training session's over its model."""
+    max_norm = clip if clip > 0 else float("inf")
+    grad_norm = check_finite("gradient norm", float(clip_grad_norm_(parameters, max_norm)), diverged)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -22,10 +22,10 @@ import argparse
 from dsmoe.data import mathgen
 from dsmoe.errors import ConfigError
 from dsmoe.train.chat_data import DEMO
-from dsmoe.train.finetune import (add_arguments_common, check_out, eval_batches, eval_loss, finetune,
-                                  load_model, prepare_run, save_model_dir, train_config)
+from dsmoe.train.finetune import (add_arguments_common, check_out, eval_loss, finetune, load_model,
+                                  packed_batches, prepare_run, save_model_dir, train_config)
+from dsmoe.train.math_eval import held_out_problems, math_accuracy
 from dsmoe.train.packing import PackedStream
-from dsmoe.train.grpo import held_out_problems, math_accuracy
 from dsmoe.train.task_data import load_task
 
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                      chat_only=True, math_difficulty=args.math_difficulty or None)
     pad_id = tokenizer.pad_id or 0
     stream = PackedStream(task.train, seq_len, cfg.batch_size, cfg.seed, pad_id)
-    held_out = eval_batches(task.val, seq_len, cfg.batch_size, pad_id)
+    held_out = packed_batches(task.val, seq_len, cfg.batch_size, pad_id)
     print(f"sft: {len(task.train)} training chats ({task.train_targets} assistant tokens, "
           f"{stream.stats.fill:.0%} of packed positions used), {len(task.val)} held out")
 

@@ -30,7 +30,7 @@ from dsmoe.data.prepare import DEFAULT_VAL_FRACTION, load_documents
 from dsmoe.data.shards import validation_mask
 from dsmoe.errors import DataError
 from dsmoe.train.chat_data import DEMO, demo_chats, encode_chats, load_chats
-from dsmoe.train.finetune import check_out, eval_batches, load_model, prepare_run, train_config
+from dsmoe.train.finetune import check_out, load_model, packed_batches, prepare_run, train_config
 from dsmoe.train.packing import Example, PackedBatch, PackedStream
 
 DEMO_SPECS = {DEMO: 0.7, f"{DEMO}-math": 1.0}  # spec -> share of math chats
@@ -163,6 +163,6 @@ def start_task_run(args, spec: str, label: str, check_model: Callable[[Any], Non
     sets.update({d: load_task(d, tokenizer, cfg.seq_len, seed=cfg.seed, train=False, **corpus).val
                  for d in parse_domains(args.eval_domains, exclude=spec)})
     run = TaskRun(out, model, tokenizer, cfg, task, evals={})
-    run.evals = {name: eval_batches(examples, cfg.seq_len, cfg.batch_size, run.pad_id, args.eval_rows)
+    run.evals = {name: packed_batches(examples, cfg.seq_len, cfg.batch_size, run.pad_id, args.eval_rows)
                  for name, examples in sets.items()}
     return run

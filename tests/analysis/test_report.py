@@ -8,8 +8,9 @@ import torch
 
 from dsmoe import ModelArgs, Transformer
 from dsmoe.analysis.flops import count_params, flops_per_token
-from dsmoe.analysis.report import (H100_SXM, FIGURES, collect_routing, cost_report, dense_equivalent,
-                                   entropy_bits, mutual_information, open_data, write_report)
+from dsmoe.analysis.cost import H100_SXM, cost_report, dense_equivalent
+from dsmoe.analysis.report import (FIGURES, collect_routing, entropy_bits, mutual_information,
+                                   open_validation_shards, write_report)
 from dsmoe.data.prepare import prepare
 from dsmoe.errors import DataError
 from dsmoe.model.moe import RoutingInfo
@@ -34,12 +35,15 @@ class DomainRouter:
     rest to experts 4-6: routing that depends on the domain and nothing else."""
 
     def __init__(self):
-        self.args = SimpleNamespace(n_routed_experts=8, n_activated_experts=3, n_layers=2, n_dense_layers=1)
-        self.layers = [SimpleNamespace(is_moe=False), SimpleNamespace(is_moe=True)]
+        self.args = SimpleNamespace(n_routed_experts=8, n_activated_experts=3, n_layers=2, n_dense_layers=1,
+                                    n_moe_layers=1)
         self._p = torch.zeros(1)
 
     def parameters(self):
         return iter([self._p])
+
+    def moe_layers(self):
+        return [SimpleNamespace()]  # block 1's; the statistics need only its place
 
     def run(self, tokens):
         ids_TK = torch.where(tokens.reshape(-1, 1) < 100, torch.tensor([0, 1, 2]), torch.tensor([4, 5, 6]))
@@ -154,15 +158,15 @@ def test_tokenizer_mismatch_and_empty_domain_are_refused(data_dir, tmp_path):
     from dsmoe.data.tokenizer import train_tokenizer
 
     tokenizer = TokenShards(data_dir).tokenizer()
-    shards, domains = open_data(data_dir, tokenizer, ["prose", "lists"], seq_len=16)
+    shards, domains = open_validation_shards(data_dir, tokenizer, ["prose", "lists"], seq_len=16)
     assert domains == ["prose", "lists"] and shards.num_tokens("val", "prose") > 16
     other = train_tokenizer(["something else entirely"] * 3, vocab_size=300)
     with pytest.raises(DataError, match="different tokenizer"):
-        open_data(data_dir, other, None, seq_len=16)
+        open_validation_shards(data_dir, other, None, seq_len=16)
     with pytest.raises(DataError, match=r"'lonely' has \d+ validation tokens"):
-        open_data(data_dir, tokenizer, None, seq_len=32)
+        open_validation_shards(data_dir, tokenizer, None, seq_len=32)
     with pytest.raises(DataError, match="no domain 'poetry'"):
-        open_data(data_dir, tokenizer, ["poetry"], seq_len=16)
+        open_validation_shards(data_dir, tokenizer, ["poetry"], seq_len=16)
 
 
 def test_domain_without_tokens_is_refused(tiny):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsmoe import ModelArgs, Transformer
-from dsmoe.analysis.routing import (encode_prompt, format_table, moe_block_ids, to_json,
+from dsmoe.analysis.routing import (encode_trace_text, format_table, main_moe_blocks, to_json,
                                     trace_routes)
 from dsmoe.data.tokenizer import train_tokenizer
 from dsmoe.errors import DataError
@@ -30,7 +30,7 @@ def test_trace_is_what_the_forward_pass_chose(model):
     ids = [0, 17, 200, 511, 42, 3]
     trace = trace_routes(model, ids)
     routing = model.run(torch.tensor([ids])).routing
-    assert trace.layers == moe_block_ids(model) == [1, 2]  # block 0 is dense in tiny
+    assert trace.layers == [i for i, _ in main_moe_blocks(model)] == [1, 2]  # block 0 is dense in tiny
     assert trace.experts_LTK.shape == (2, len(ids), model.args.n_activated_experts)
     for l, info in enumerate(routing):
         for t in range(len(ids)):
@@ -63,7 +63,7 @@ def test_trace_shows_the_bias_steering_and_unbiased_weights(model):
 
 
 def test_table_and_json_hold_the_same_routes(model, tokenizer):
-    ids = encode_prompt(tokenizer, "def add(a, b):\n\treturn a + b", model.args.max_seq_len)
+    ids = encode_trace_text(tokenizer, "def add(a, b):\n\treturn a + b", model.args.max_seq_len)
     texts = [tokenizer.decode([t], skip_special=False) for t in ids]
     trace = trace_routes(model, ids, texts)
     table = format_table(trace).splitlines()
@@ -82,11 +82,24 @@ def test_table_and_json_hold_the_same_routes(model, tokenizer):
     assert "".join(t["text"] for t in data["tokens"][1:]) == "def add(a, b):\n\treturn a + b"
 
 
+def test_main_moe_blocks_are_the_blocks_that_route():
+    """The block index beside each MoE layer is the block holding it, dense blocks skipped,
+    MTP modules left out, whatever the number of dense blocks."""
+    for n_dense in (0, 1, 3):
+        torch.manual_seed(0)
+        m = Transformer(ModelArgs.from_preset("tiny").replace(n_layers=4, n_dense_layers=n_dense,
+                                                              n_mtp_layers=1))
+        blocks = main_moe_blocks(m)
+        assert [i for i, _ in blocks] == [i for i, block in enumerate(m.layers) if block.is_moe]
+        assert all(m.layers[i].ffn is moe for i, moe in blocks)
+        assert len(m.run(torch.tensor([[1, 2, 3]])).routing) == len(blocks)
+
+
 def test_prompt_errors_are_clear(tokenizer):
     with pytest.raises(DataError, match="max_seq_len=8"):
-        encode_prompt(tokenizer, "The quick brown fox jumps over the lazy dog.", max_seq_len=8)
+        encode_trace_text(tokenizer, "The quick brown fox jumps over the lazy dog.", max_seq_len=8)
     with pytest.raises(DataError, match="prompt is empty"):
-        encode_prompt(tokenizer, "  \n", max_seq_len=128)
+        encode_trace_text(tokenizer, "  \n", max_seq_len=128)
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -101,7 +114,7 @@ def test_route_command_prints_the_trace_of_the_saved_model(model, tokenizer, tmp
                  "--json", str(tmp_path / "trace.json")]) == 0
     printed = capsys.readouterr().out
     loaded, loaded_tokenizer = load_model_dir(tmp_path / "m")
-    ids = encode_prompt(loaded_tokenizer, "12 + 30 = 42\n", loaded.args.max_seq_len)
+    ids = encode_trace_text(loaded_tokenizer, "12 + 30 = 42\n", loaded.args.max_seq_len)
     expected = to_json(trace_routes(loaded, ids, [loaded_tokenizer.decode([t], skip_special=False) for t in ids]))
     assert json.loads((tmp_path / "trace.json").read_text()) == expected
     assert printed.splitlines()[0].startswith("pos") and len(printed.splitlines()) == len(ids) + 3

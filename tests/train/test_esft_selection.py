@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dsmoe import ModelArgs, Transformer
+from dsmoe.analysis.routing import main_moe_blocks
 from dsmoe.errors import ConfigError, DsmoeError
 from dsmoe.train.config import TrainConfig
-from dsmoe.train.esft import esft_freeze, expert_affinity, main_moe_blocks, select_experts
+from dsmoe.train.esft import esft_freeze, expert_affinity, select_experts
 from dsmoe.train.freeze import RowFreeze, count_trainable
 from dsmoe.train.optim import build_optimizer
 from dsmoe.train.packing import Example, pack

@@ -8,8 +8,8 @@ import torch
 from dsmoe import ModelArgs, Transformer
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.grpo import (GRPOConfig, clipped_surrogate, completion_batch, group_advantages,
-                              grpo_loss, kl_k3, paired_change, policy_update, sequence_logprobs,
-                              token_logprobs)
+                              grpo_loss, kl_k3, policy_update, sequence_logprobs, token_logprobs)
+from dsmoe.train.math_eval import paired_change
 from dsmoe.train.optim import build_optimizer
 from dsmoe.errors import ConfigError
 

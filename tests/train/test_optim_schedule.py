@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from dsmoe import ModelArgs, Transformer
 from dsmoe.errors import ConfigError
