@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from dsmoe.errors import DsmoeError
@@ -53,6 +53,7 @@ class Browser:
         except ImportError:
             raise DsmoeError("driving Chromium needs the `websockets` package: pip install 'dsmoe[dev]'") from None
         self.timeout = timeout
+        self._open = ExitStack()  # the websocket, closed with the browser
         self._profile = tempfile.TemporaryDirectory(prefix="dsmoe-chromium-")
         self._proc = subprocess.Popen([find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}",
                                        f"--window-size={width},{height}", "about:blank"],
@@ -61,7 +62,8 @@ class Browser:
             port = self._devtools_port()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as res:
                 pages = [t for t in json.load(res) if t["type"] == "page"]
-            self._ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout)
+            self._ws = self._open.enter_context(
+                connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout))
         except BaseException:
             self.close()
             raise
@@ -84,8 +86,7 @@ class Browser:
         raise DsmoeError(f"Chromium did not open its DevTools port within {self.timeout:.0f} s")
 
     def close(self) -> None:
-        if getattr(self, "_ws", None) is not None:
-            self._ws.close()
+        self._open.close()
         if self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -157,8 +158,9 @@ class Browser:
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
     def type(self, selector: str, text: str) -> None:
-        """Focus an input and type `text` into it as keyboard input would."""
+        """Click into a text box, select what it holds and type `text` over it, as a person would."""
         self.click(selector)
+        self.evaluate(f"document.querySelector({json.dumps(selector)}).select()")
         self.send("Input.insertText", text=text)
 
     def screenshot(self, path: str | Path) -> Path:
