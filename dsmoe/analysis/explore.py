@@ -253,7 +253,7 @@ def load_explorer_router(model_dir: str, data_dir: str | None = None, run_dir: s
         model, problem = model.eval(), None
     except DataError as err:  # the tokenizer belongs to another model
         model, tokenizer, problem = None, None, str(err)
-    return explorer_router(model, tokenizer, name=Path(model_dir).resolve().name, data_dir=data_dir,
+    return explorer_router(model, tokenizer, name=str(model_dir), data_dir=data_dir,
                            run_dir=run_dir, problem=problem)
 
 
