@@ -44,13 +44,13 @@ def page_html() -> str:
     return resources.files("dsmoe.analysis").joinpath(PAGE).read_text(encoding="utf-8")
 
 
-def _report_defaults() -> argparse.Namespace:
-    """`dsmoe report`'s own option defaults, read from its parser so the two never drift."""
+def _report_default(option: str):
+    """One of `dsmoe report`'s option defaults, read from its parser so the two never drift."""
     from dsmoe.analysis import report
 
     parser = argparse.ArgumentParser()
     report.add_arguments(parser)
-    return parser.parse_args(["--model", "-", "--data", "-", "--out", "-"])
+    return parser.get_default(option)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Explorer:
         from dsmoe.analysis.report import collect_routing, eval_batches, open_data
         from dsmoe.data.shards import TokenShards
 
-        defaults = _report_defaults()
+        batch_size, n_tokens = _report_default("batch_size"), _report_default("tokens_per_domain")
         seq_len = min(REPORT_SEQ_LEN, self.model.args.max_seq_len)
         domains, skipped = [], []
         for domain in TokenShards(self.data_dir).domains:  # a domain the report would refuse is left out
@@ -134,13 +134,12 @@ class Explorer:
                 skipped.append(str(err))
         if not domains:
             raise DataError(skipped[0] if skipped else f"{self.data_dir} holds no domain")
-        batches = {d: eval_batches(shards, d, defaults.batch_size, seq_len, defaults.tokens_per_domain)
-                   for d in domains}
-        stats = collect_routing(self.model, batches, seed=defaults.seed)
+        batches = {d: eval_batches(shards, d, batch_size, seq_len, n_tokens) for d in domains}
+        stats = collect_routing(self.model, batches, seed=_report_default("seed"))
         relative = stats.share_LDE() * stats.counts_LDE.shape[-1]  # 1.0 = an even spread, as the report plots
         return {**stats.to_dict(), "relative_share": [[[round(v, 4) for v in row] for row in layer]
                                                       for layer in relative.tolist()],
-                "skipped": skipped, "seq_len": seq_len, "tokens_per_domain": defaults.tokens_per_domain}
+                "skipped": skipped, "seq_len": seq_len, "tokens_per_domain": n_tokens}
 
     def training(self) -> dict:
         """Loss, MTP loss, validation loss per domain and MaxVio per MoE layer over the steps."""

@@ -148,15 +148,19 @@ def test_model_without_tokenizer_says_so(dirs, tmp_path):
         assert "--run DIR" in c.get(f"{MOUNT}/api/training").json()["error"]
 
 
-def test_router_mounts_in_another_app(dirs, client):
-    from fastapi import FastAPI
+def test_router_mounts_in_the_openai_server(dirs, client):
+    from dsmoe.infer.generate import load_engine
+    from dsmoe.infer.server import create_app as create_server
 
-    app = FastAPI()
-    app.include_router(explorer_router(client.explorer.model, client.explorer.tokenizer), prefix="/explore")
+    engine, tokenizer = load_engine(dirs["model"], device="cpu")
+    app = create_server(engine, tokenizer, "tiny")
+    app.include_router(explorer_router(engine.model, tokenizer, name="tiny"), prefix="/explore")
     with TestClient(app) as c:
         assert c.get("/explore").status_code == 200 and c.get("/explore/").status_code == 200
         assert c.post("/explore/api/route", json={"text": PROMPT}).json() == \
             client.post(f"{MOUNT}/api/route", json={"text": PROMPT}).json()
+        assert c.post("/explore/api/trace", json={"text": ""}).json()["error"].startswith("the prompt is empty")
+        assert c.post("/v1/completions", json={"model": "tiny", "prompt": "alpha", "max_tokens": 2}).status_code == 200
 
 
 def test_cli_refuses_missing_folders_and_half_a_screenshot(dirs, tmp_path, capsys):
