@@ -2,8 +2,8 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
-# apt-get needs root: use sudo when we are not root and sudo is there.
-SUDO    := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
+# apt-get needs root: use sudo (never prompting) when we are not root and sudo is there.
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo -n)
 
 .PHONY: demo test bench browser clean
 
