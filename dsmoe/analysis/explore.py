@@ -38,6 +38,14 @@ PAGE = "explore.html"
 MOUNT = "/explore"
 REPORT_SEQ_LEN = 256  # `dsmoe report`'s sequence length when none is given (capped by max_seq_len)
 MAX_CURVE_POINTS = 2000  # training curves are thinned to this many steps for the page
+# Affinities of every expert for every token and layer are sent up to this many values
+# (DeepSeek-V3: 58 layers x 256 experts x 512 tokens would be 7.6M); the chosen experts'
+# affinities are always sent.
+MAX_SCORES = 1_000_000
+
+
+def _rounded(values: list) -> list:
+    return [_rounded(v) for v in values] if isinstance(values, list) else round(values, 6)
 
 
 def page_html() -> str:
@@ -103,9 +111,10 @@ class Explorer:
                       f"{limit:,} (max_seq_len): showing the first {limit:,}.")
             ids = ids[:limit]
         trace = trace_routes(self.model, ids, token_texts(self.tokenizer, ids))
+        scores_LTE = trace.scores_LTE
         return {"route": to_json(trace), "notice": notice,
-                "scores": [[[round(s, 6) for s in token] for token in layer]
-                           for layer in trace.scores_LTE.tolist()]}
+                "chosen_scores": _rounded(scores_LTE.gather(-1, trace.experts_LTK).tolist()),
+                "scores": _rounded(scores_LTE.tolist()) if scores_LTE.numel() <= MAX_SCORES else None}
 
     def data_stats(self) -> dict:
         """Domain-by-expert routing and MaxVio on the validation split, as `dsmoe report` counts

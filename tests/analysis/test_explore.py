@@ -64,8 +64,20 @@ def test_route_endpoint_is_what_dsmoe_route_prints(client, dirs, capsys):
             route = token["routes"][l]
             assert route["layer"] == layer and len(scores) == args.n_routed_experts
             chosen = scores[route["experts"]]
+            assert page["chosen_scores"][l][token["pos"]] == [page["scores"][l][token["pos"]][e]
+                                                              for e in route["experts"]]
             torch.testing.assert_close(torch.tensor(route["weights"]), chosen / chosen.sum() * args.route_scale,
                                        atol=2e-5, rtol=0)
+
+
+def test_large_traces_send_only_the_chosen_affinities(client, monkeypatch):
+    from dsmoe.analysis import explore
+
+    full = client.post(f"{MOUNT}/api/trace", json={"text": PROMPT}).json()
+    monkeypatch.setattr(explore, "MAX_SCORES", 10)
+    small = client.post(f"{MOUNT}/api/trace", json={"text": PROMPT}).json()
+    assert small["scores"] is None and full["scores"] is not None
+    assert small["chosen_scores"] == full["chosen_scores"] and small["route"] == full["route"]
 
 
 def test_text_longer_than_the_context_is_cut_with_a_notice(client, dirs, capsys):
