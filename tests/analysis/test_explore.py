@@ -227,10 +227,13 @@ def test_chromium_draws_what_the_json_endpoint_answers(client, dirs, browser, tm
         pos = 4
         browser.hover(f"#tokens .tok[data-pos='{pos}']")
         rows = browser.wait_for("[...document.querySelectorAll('#detail-table tr[data-expert]')]"
-                                ".map(r => [+r.dataset.expert, +r.dataset.weight, r.cells[1].textContent])")
+                                ".map(r => [+r.dataset.expert, +r.dataset.weight, +r.cells[1].textContent, "
+                                "+r.cells[2].textContent])")
         route = tokens[pos]["routes"][-1]
+        affinities = httpx.post(f"{url}{MOUNT}/api/trace", json={"text": PROMPT}).json()["chosen_scores"][-1][pos]
         assert [r[0] for r in rows] == route["experts"] and [r[1] for r in rows] == route["weights"]
-        assert all(abs(float(shown) - w) <= 5e-4 + 1e-9 for _, w, shown in rows)
+        assert [r[2] for r in rows] == pytest.approx(route["weights"], abs=5e-4 + 1e-9)  # shown to 3 decimals
+        assert [r[3] for r in rows] == pytest.approx(affinities, abs=5e-4 + 1e-9)
         assert browser.evaluate("document.getElementById('detail-token').textContent") == \
             json.dumps(tokens[pos]["text"])[1:-1]
 
