@@ -225,4 +225,18 @@ def screenshot_page(app, prompt: str, path: str | Path) -> Path:
         browser.click(f"#legend .chip[data-expert='{expert}']")
         browser.hover(hovered)
         browser.evaluate("document.activeElement.blur()")
-        return browser.screenshot(path)
+        return _palette_png(browser.screenshot(path))
+
+
+def _palette_png(path: Path) -> Path:
+    """Rewrite a screenshot as a 256-colour PNG (a third of the size; a page is flat colours),
+    when Pillow is installed (it comes with matplotlib, the `report` extra)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return path
+    with Image.open(path) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                dither=Image.Dither.NONE)
+    palette.save(path, optimize=True)
+    return path
