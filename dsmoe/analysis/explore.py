@@ -289,7 +289,7 @@ def run(args) -> int:
     if args.screenshot:
         from dsmoe.analysis.explore_browser import screenshot_page
 
-        screenshot_page(app, args.prompt, args.screenshot)
+        screenshot_page(app, MOUNT, args.prompt, args.screenshot)
         print(f"wrote {args.screenshot}")
         return 0
     import uvicorn

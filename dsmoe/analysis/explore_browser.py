@@ -201,21 +201,20 @@ def serve_in_thread(app):
         thread.join(timeout=10)
 
 
-def route_prompt(browser: Browser, base_url: str, prompt: str) -> None:
-    """Open the page, type `prompt`, press Route and wait until the routing is drawn."""
-    from dsmoe.analysis.explore import MOUNT
-
-    browser.goto(base_url + MOUNT)
+def route_prompt(browser: Browser, page_url: str, prompt: str) -> None:
+    """Open the explorer page, type `prompt`, press Route and wait until the routing is drawn."""
+    browser.goto(page_url)
     browser.wait_for("document.body.dataset.state !== 'loading'")
     browser.type("#text", prompt)
     browser.click("#route-btn")
     browser.wait_for(f"document.body.dataset.state === 'ready' && window.explorer.routedText === {json.dumps(prompt)}")
 
 
-def screenshot_page(app, prompt: str, path: str | Path) -> Path:
-    """The page with `prompt` routed, a token hovered and its heaviest expert selected, as a PNG."""
+def screenshot_page(app, page_path: str, prompt: str, path: str | Path) -> Path:
+    """The page at `page_path` of `app` with `prompt` routed, a token hovered and its heaviest
+    expert selected, as a PNG."""
     with serve_in_thread(app) as url, Browser() as browser:
-        route_prompt(browser, url, prompt)
+        route_prompt(browser, url + page_path, prompt)
         for card in ("data-card", "run-card"):  # wait for the panels that were asked for
             browser.wait_for(f"(c => c.hidden || ['ready', 'error'].includes(c.dataset.state))"
                              f"(document.getElementById('{card}'))", timeout=600)

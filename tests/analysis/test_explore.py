@@ -207,7 +207,7 @@ def test_chromium_draws_what_the_json_endpoint_answers(client, dirs, browser, tm
     from dsmoe.analysis.explore_browser import route_prompt, serve_in_thread
 
     with serve_in_thread(client.app) as url:
-        route_prompt(browser, url, PROMPT)  # types the prompt, presses Route, waits for the drawing
+        route_prompt(browser, url + MOUNT, PROMPT)  # types the prompt, presses Route, waits for the drawing
         expected = httpx.post(f"{url}{MOUNT}/api/route", json={"text": PROMPT}).json()
         tokens = expected["tokens"]
         for l in range(len(expected["layers"])):
