@@ -283,3 +283,10 @@ def test_chromium_shows_why_a_model_without_tokenizer_cannot_route(dirs, browser
         browser.wait_for("document.body.dataset.state === 'error'")
         problem = browser.evaluate("(n => !n.hidden && n.textContent)(document.getElementById('problem'))")
         assert "no tokenizer.json" in problem and browser.evaluate("document.getElementById('input-card').hidden")
+
+
+def test_screenshot_command_writes_a_png(dirs, tmp_path):
+    shot = tmp_path / "page.png"
+    assert main(["explore", "--model", str(dirs["model"]), "--run", str(dirs["run"]), "--device", "cpu",
+                 "--prompt", PROMPT, "--screenshot", str(shot)]) == 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
