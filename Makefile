@@ -2,8 +2,10 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
+# apt-get needs root: use sudo (never prompting) when we are not root and sudo is there.
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo -n)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,7 +18,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m dsmoe demo
 
+# Headless Chromium for the explorer's browser test (tests/analysis/test_explore.py).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package) for the explorer's browser test"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# Without Chromium (no root, no network) the suite still runs, and the browser test
+# fails saying how to install it.
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

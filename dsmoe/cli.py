@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("dsmoe.interop.convert", "convert a Hugging Face checkpoint (FP8 -> bf16/fp32, ...)"),
     "route": ("dsmoe.analysis.routing", "show which experts each token is routed to"),
     "report": ("dsmoe.analysis.report", "routing, balance and cost report with figures"),
+    "explore": ("dsmoe.analysis.explore", "a web page to explore routing, balance and training"),
     "sft": ("dsmoe.train.sft", "supervised fine-tuning on chat data"),
     "grpo": ("dsmoe.train.grpo", "reinforcement learning with verifiable rewards (GRPO)"),
     "esft": ("dsmoe.train.esft", "expert-specialised fine-tuning"),

@@ -40,6 +40,7 @@ class RouteTrace:
     layers: list[int]  # block index of each MoE layer, in order
     experts_LTK: torch.Tensor  # chosen experts, heaviest first (int64)
     weights_LTK: torch.Tensor  # their combine weights (float32)
+    scores_LTE: torch.Tensor | None = None  # unbiased affinities of every routed expert (float32)
 
     @property
     def top_k(self) -> int:
@@ -69,7 +70,8 @@ def trace_routes(model, token_ids: list[int], token_texts: list[str] | None = No
     order_LTK = weights_LTK.argsort(dim=-1, descending=True, stable=True)
     texts = token_texts if token_texts is not None else [str(t) for t in token_ids]
     return RouteTrace(list(token_ids), list(texts), layers,
-                      experts_LTK.gather(-1, order_LTK), weights_LTK.gather(-1, order_LTK))
+                      experts_LTK.gather(-1, order_LTK), weights_LTK.gather(-1, order_LTK),
+                      torch.stack([r.scores_TE for r in routing]).float().cpu())
 
 
 def encode_trace_text(tokenizer, text: str, max_seq_len: int, add_bos: bool = True) -> list[int]:
