@@ -10,8 +10,8 @@ Design note
   mounts at `/explore` as well (`explorer_router`).
 - Nothing is computed twice: a trace is `routing.trace_routes` rendered by `routing.to_json`,
   so `POST api/route` answers exactly what `dsmoe route --json -` prints; the data panel is
-  `report.collect_routing` over `report.eval_batches` with `dsmoe report`'s defaults, and the
-  training panel reads `metrics.jsonl` with `pretrain.read_metrics`.
+  `report.collect_routing` over `report.validation_inputs` with `dsmoe report`'s defaults, and the
+  training panel reads `metrics.jsonl` with `run_dir.read_metrics`.
 - The page's own endpoint (`api/trace`) wraps that same JSON with what only a page needs:
   the unbiased affinities of every expert, the gates' selection biases, and a notice when
   the text was cut to the model's context (the CLI refuses such text; a page cuts it and
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from dsmoe.analysis.routing import (encode_prompt, moe_block_ids, route_text, to_json, token_texts,
+from dsmoe.analysis.routing import (encode_trace_text, main_moe_blocks, route_text, to_json, token_texts,
                                     trace_routes)
 from dsmoe.errors import DataError, DsmoeError
 
@@ -89,10 +89,10 @@ class Explorer:
                "run": self.run_dir is not None}
         if self.model is not None:
             a = self.model.args
-            out.update(layers=moe_block_ids(self.model), n_experts=a.n_routed_experts,
+            blocks = main_moe_blocks(self.model)
+            out.update(layers=[i for i, _ in blocks], n_experts=a.n_routed_experts,
                        top_k=a.n_activated_experts, max_seq_len=a.max_seq_len, score_func=a.score_func,
-                       bias=[self.model.layers[b].ffn.gate.bias.float().cpu().tolist()
-                             for b in moe_block_ids(self.model)])
+                       bias=[moe.gate.bias.float().cpu().tolist() for _, moe in blocks])
         return out
 
     def route(self, text: str) -> dict:
@@ -104,7 +104,7 @@ class Explorer:
         """The page's view: the route JSON of the text cut to the context, the affinities, a notice."""
         self._ready()
         limit = self.model.args.max_seq_len
-        ids = encode_prompt(self.tokenizer, text, sys.maxsize)  # the empty-text check, no length check
+        ids = encode_trace_text(self.tokenizer, text, sys.maxsize)  # the empty-text check, no length check
         notice = None
         if len(ids) > limit:
             notice = (f"The text is {len(ids):,} tokens long but the model reads at most "
@@ -129,7 +129,7 @@ class Explorer:
         return self._data
 
     def _compute_data_stats(self) -> dict:
-        from dsmoe.analysis.report import collect_routing, eval_batches, open_data
+        from dsmoe.analysis.report import collect_routing, open_validation_shards, validation_inputs
         from dsmoe.data.shards import TokenShards
 
         batch_size, n_tokens = _report_default("batch_size"), _report_default("tokens_per_domain")
@@ -137,13 +137,13 @@ class Explorer:
         domains, skipped = [], []
         for domain in TokenShards(self.data_dir).domains:  # a domain the report would refuse is left out
             try:
-                shards, _ = open_data(self.data_dir, self.tokenizer, [domain], seq_len)
+                shards, _ = open_validation_shards(self.data_dir, self.tokenizer, [domain], seq_len)
                 domains.append(domain)
             except DataError as err:
                 skipped.append(str(err))
         if not domains:
             raise DataError(skipped[0] if skipped else f"{self.data_dir} holds no domain")
-        batches = {d: eval_batches(shards, d, batch_size, seq_len, n_tokens) for d in domains}
+        batches = {d: validation_inputs(shards, d, batch_size, seq_len, n_tokens) for d in domains}
         stats = collect_routing(self.model, batches, seed=_report_default("seed"))
         relative = stats.share_LDE() * stats.counts_LDE.shape[-1]  # 1.0 = an even spread, as the report plots
         return {**stats.to_dict(), "relative_share": [[[round(v, 4) for v in row] for row in layer]
@@ -152,7 +152,7 @@ class Explorer:
 
     def training(self) -> dict:
         """Loss, MTP loss, validation loss per domain and MaxVio per MoE layer over the steps."""
-        from dsmoe.train.pretrain import METRICS_FILE, read_metrics
+        from dsmoe.train.run_dir import METRICS_FILE, read_metrics
 
         if self.run_dir is None:
             raise DataError("no training run was given: start the explorer with --run DIR "

@@ -100,6 +100,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app = FastAPI(title="dsmoe", lifespan=lifespan)
     app.state.parser, app.state.worker = parser, worker
     add_error_handlers(app)
+    from dsmoe.analysis.explore import MOUNT, explorer_router  # the routing explorer page
+    app.include_router(explorer_router(engine.model, tokenizer, name=model_name), prefix=MOUNT)
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "dsmoe",

@@ -8,8 +8,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from dsmoe import ModelArgs
-from dsmoe.analysis.explore import MOUNT, create_app, explorer_router, load_explorer_router
-from dsmoe.analysis.routing import encode_prompt, to_json, token_texts, trace_routes
+from dsmoe.analysis.explore import MOUNT, create_app, load_explorer_router
+from dsmoe.analysis.routing import encode_trace_text, to_json, token_texts, trace_routes
 from dsmoe.cli import main
 from dsmoe.data.prepare import prepare
 from dsmoe.train.config import TrainConfig
@@ -84,7 +84,7 @@ def test_text_longer_than_the_context_is_cut_with_a_notice(client, dirs, capsys)
     model, tokenizer = client.explorer.model, client.explorer.tokenizer
     limit = model.args.max_seq_len
     text = "alpha beta gamma delta " * limit
-    ids = encode_prompt(tokenizer, text, 10 ** 9)
+    ids = encode_trace_text(tokenizer, text, 10 ** 9)
     assert len(ids) > limit
     page = client.post(f"{MOUNT}/api/trace", json={"text": text}).json()
     assert f"{len(ids):,} tokens" in page["notice"] and f"first {limit:,}" in page["notice"]
@@ -165,8 +165,7 @@ def test_router_mounts_in_the_openai_server(dirs, client):
     from dsmoe.infer.server import create_app as create_server
 
     engine, tokenizer = load_engine(dirs["model"], device="cpu")
-    app = create_server(engine, tokenizer, "tiny")
-    app.include_router(explorer_router(engine.model, tokenizer, name="tiny"), prefix="/explore")
+    app = create_server(engine, tokenizer, "tiny")  # `dsmoe serve` mounts the explorer itself
     with TestClient(app) as c:
         assert c.get("/explore").status_code == 200 and c.get("/explore/").status_code == 200
         assert c.post("/explore/api/route", json={"text": PROMPT}).json() == \
