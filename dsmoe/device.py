@@ -43,3 +43,16 @@ def parse_dtype(name: str | torch.dtype | None, device=None) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} or 'auto'")
     return DTYPES[name]
+
+
+def add_device_arguments(parser, *, dtype: bool = False, threads: bool = False) -> None:
+    """The one definition of `--device` (and, for verbs that take them, `--dtype` and
+    `--threads`) that every command-line verb shares: same names, defaults and help."""
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1 ... (default: auto, cuda when available)")
+    if dtype:
+        parser.add_argument("--dtype", default="auto",
+                            help="float32 | bfloat16 (default: auto, float32 on CPU, bfloat16 on CUDA)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=0,
+                            help="CPU threads for torch (default: 0, torch's own choice)")

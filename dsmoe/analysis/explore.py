@@ -32,6 +32,7 @@ from pathlib import Path
 
 from dsmoe.analysis.routing import (encode_trace_text, main_moe_blocks, route_text, to_json, token_texts,
                                     trace_routes)
+from dsmoe.device import add_device_arguments
 from dsmoe.errors import DataError, DsmoeError
 
 PAGE = "explore.html"
@@ -275,7 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="DIR", help="a `dsmoe train --out` folder: loss and MaxVio over training")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    add_device_arguments(parser)
     parser.add_argument("--screenshot", metavar="PNG", help="render the page once in headless "
                         "Chromium, save it to PNG and exit (with --prompt)")
     parser.add_argument("--prompt", metavar="TEXT", help="the text routed for --screenshot")

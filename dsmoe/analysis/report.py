@@ -35,6 +35,7 @@ import torch
 
 from dsmoe.analysis.cost import DEFAULT_UTILISATION, CostReport, cost_report
 from dsmoe.analysis.routing import main_moe_blocks
+from dsmoe.device import add_device_arguments
 from dsmoe.errors import DataError
 from dsmoe.train.balance import max_violation
 
@@ -279,7 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
                         help=f"share of the accelerator's peak reached, for energy (default {DEFAULT_UTILISATION})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the label shuffle")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    add_device_arguments(parser)
 
 
 def open_validation_shards(data_dir: str | Path, tokenizer, domains: list[str] | None, seq_len: int):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsmoe.device import add_device_arguments
 from dsmoe.errors import DataError, DsmoeError
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH",
                         help="also write the trace as JSON to PATH ('-': print JSON instead of the table)")
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
+    add_device_arguments(parser)
 
 
 def _read_prompt(args) -> str:

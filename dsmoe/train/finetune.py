@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from dsmoe.atomic import replacing_dir
-from dsmoe.device import autocast, resolve_device
+from dsmoe.device import add_device_arguments, autocast, resolve_device
 from dsmoe.errors import CheckpointError, DataError
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig
@@ -92,8 +92,7 @@ def add_arguments_common(parser: argparse.ArgumentParser, steps: int, lr: float,
     parser.add_argument("--seq-len", type=int, default=0,
                         help="positions per row (default: the model's context, at most 512)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    add_device_arguments(parser, threads=True)
 
 
 def train_config(args: argparse.Namespace, model_args, **settings: Any) -> TrainConfig:

@@ -43,7 +43,7 @@ import torch
 
 from dsmoe.data import mathgen
 from dsmoe.data.tokenizer import end_of_turn_ids
-from dsmoe.device import autocast
+from dsmoe.device import add_device_arguments, autocast
 from dsmoe.errors import ConfigError, DataError
 from dsmoe.train.config import TrainConfig
 from dsmoe.train.finetune import check_out, load_model, prepare_run, save_model_dir
@@ -349,8 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "called as fn(prompt=..., completion=..., answer=..., question=..., "
                              "kind=..., difficulty=...) and must return a number")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=0)
+    add_device_arguments(parser, threads=True)
 
 
 def run(args: argparse.Namespace) -> int:
