@@ -83,9 +83,14 @@ def median_rates(jobs: dict, rounds: int) -> dict[str, float]:
     return {name: units / statistics.median(times[name]) for name, (_, units) in jobs.items()}
 
 
+def sizes(quick: bool) -> tuple[int, int, int]:
+    """Decode prompt length, new tokens per request, prefill prompt length."""
+    return (32, 16, 128) if quick else (64, 64, 448)
+
+
 def decode_rows(quick: bool) -> list[dict]:
     args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
-    P, N, P_long = (32, 16, 128) if quick else (64, 64, 448)
+    P, N, P_long = sizes(quick)
     rounds = 2 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = build_pair(args, Path(tmp))
@@ -173,8 +178,123 @@ def speculative_rows(quick: bool, model_dir: str | None) -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------- llama.cpp, roofline
+def row_value(rows: list[dict], metric: str) -> float:
+    return next((r["value"] for r in rows if r["metric"] == metric), float("nan"))
+
+
+def llamacpp_rows(quick: bool, ours: list[dict]) -> list[dict]:
+    """llama.cpp on the same weights (the seed-0 `small` model of `decode_rows`, exported to
+    HF with a tokenizer, converted by llama.cpp's converter to f32 GGUF), same thread count:
+    batch-1 decode and prefill by llama-bench, batch-8 decode by llama-batched-bench; and the
+    ratios to our figures of `ours` (the rows of `decode_rows` in the same run)."""
+    from bench import llamacpp
+    P, N, P_long = sizes(quick)
+    metrics = ("llamacpp_decode_tokens_per_s_batch1", "llamacpp_decode_tokens_per_s_batch8",
+               "llamacpp_prefill_tokens_per_s", "decode_vs_llamacpp_batch1", "decode_vs_llamacpp_batch8",
+               "prefill_vs_llamacpp")
+    if not llamacpp.available():
+        return [{"benchmark": "decode", "metric": m, "value": float("nan"), "unit": "",
+                 "note": f"llama.cpp not built in {llamacpp.home()}: {llamacpp.HOW_TO_BUILD}"} for m in metrics]
+    from dsmoe.data.corpus import iter_default_corpus
+    from dsmoe.data.tokenizer import train_tokenizer
+    args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
+    threads = torch.get_num_threads()
+    rounds = 2 if quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)  # the weights of build_pair
+        model = Transformer(args).eval()
+        # the converter needs a tokenizer; decode speed does not depend on which
+        tokenizer = train_tokenizer((d.text for d in iter_default_corpus(200_000)), args.vocab_size)
+        save_hf(model, Path(tmp) / "hf", tokenizer=tokenizer)
+        start = time.perf_counter()
+        gguf = llamacpp.convert(Path(tmp) / "hf", Path(tmp) / "model-f32.gguf")
+        convert_s = time.perf_counter() - start
+        try:
+            llamacpp.check_tokenization(gguf, tokenizer)
+            tokenization = "token ids equal to ours on a test text"
+        except Exception as err:  # noqa: BLE001 - reported, the speed figures still stand
+            tokenization = f"tokenization check failed: {err}"
+        single, batched = [], []
+        for _ in range(rounds):  # one repetition per call, medians over rounds
+            single.append(llamacpp.bench(gguf, threads, P_long, N))
+            batched.append(llamacpp.batched_bench(gguf, threads, 8, P, N))
+    decode1 = statistics.median(r["decode"] for r in single)
+    prefill = statistics.median(r["prefill"] for r in single)
+    decode8 = statistics.median(batched)
+    note = f"same weights (HF export -> convert_hf_to_gguf.py f32, {convert_s:.0f} s), {threads} threads"
+    return [
+        {"benchmark": "decode", "metric": metrics[0], "value": decode1, "unit": "tok/s",
+         "note": f"llama-bench -n {N} -t {threads}; {note}; {tokenization}"},
+        {"benchmark": "decode", "metric": metrics[1], "value": decode8, "unit": "tok/s",
+         "note": f"llama-batched-bench -npl 8 -npp {P} -ntg {N} (S_TG)"},
+        {"benchmark": "decode", "metric": metrics[2], "value": prefill, "unit": "tok/s",
+         "note": f"llama-bench -p {P_long}"},
+        {"benchmark": "decode", "metric": metrics[3], "unit": "x", "note": "dsmoe / llama.cpp; target >= 0.8",
+         "value": row_value(ours, "dsmoe_decode_tokens_per_s_batch1") / decode1},
+        {"benchmark": "decode", "metric": metrics[4], "unit": "x", "note": "dsmoe / llama.cpp; target >= 0.8",
+         "value": row_value(ours, "dsmoe_decode_tokens_per_s_batch8") / decode8},
+        {"benchmark": "decode", "metric": metrics[5], "unit": "x", "note": "dsmoe / llama.cpp",
+         "value": row_value(ours, "dsmoe_prefill_tokens_per_s") / prefill},
+    ]
+
+
+def bandwidth_probe(rounds: int, n_bytes: int = 256 << 20) -> float:
+    """Memory bandwidth (bytes/s) of a plain fp32 matrix-vector product over a matrix far
+    larger than the caches: x (1, K) @ W (K, N), W read once per call, median over rounds.
+    (This layout, W stored input-major, is the faster of the two at batch 1 here; the
+    output-major F.linear layout reaches about 0.85 of it.)"""
+    K = 4096
+    W = torch.randn(K, n_bytes // 4 // K)
+    x = torch.randn(1, K)
+    (x @ W).sum()  # warm-up: page in the weights
+    times = [timed(lambda: x @ W) for _ in range(rounds)]
+    return W.nbytes / statistics.median(times)
+
+
+def activated_bytes_per_token(args: ModelArgs, context: float, dtype_bytes: int = 4) -> float:
+    """Bytes a batch-1 decode step must read: the activated parameters
+    (`dsmoe.analysis.flops`: all but the routed experts, plus the chosen share of those,
+    head included) less the embedding table, of which one row is read; plus the latent
+    cache of every layer at the given context length ((kv_lora_rank + qk_rope_head_dim)
+    values per position). Activations and the cache write are negligible beside these."""
+    from dsmoe.analysis.flops import count_params, kv_cache_bytes
+    counts = count_params(args)
+    weights = (counts.activated - counts.groups["embed"] + args.dim) * dtype_bytes
+    return weights + kv_cache_bytes(args, dtype_bytes).mla_bytes_per_token * context
+
+
+def roofline_rows(quick: bool, rows: list[dict]) -> list[dict]:
+    """The memory roofline of batch-1 decode: bandwidth probe (same run, same threads),
+    bytes per token, and the fraction of the roofline that dsmoe (and llama.cpp) reach."""
+    args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
+    P, N, _ = sizes(quick)
+    bandwidth = bandwidth_probe(3 if quick else 7)
+    per_token = activated_bytes_per_token(args, P + N / 2)
+    bound = bandwidth / per_token
+    out = [
+        {"benchmark": "decode", "metric": "memory_bandwidth_probe", "value": bandwidth / 1e9, "unit": "GB/s",
+         "note": f"x @ W, fp32 W of 256 MB, {torch.get_num_threads()} threads, median"},
+        {"benchmark": "decode", "metric": "activated_bytes_per_token", "value": per_token / 1e6, "unit": "MB",
+         "note": f"fp32 activated params (flops.py rule) without the embedding table, + latent cache at "
+                 f"context {P + N // 2}"},
+        {"benchmark": "decode", "metric": "roofline_decode_tokens_per_s_batch1", "value": bound, "unit": "tok/s",
+         "note": "bandwidth probe / bytes per token"},
+    ]
+    for who, metric in (("dsmoe", "dsmoe_decode_tokens_per_s_batch1"),
+                        ("llamacpp", "llamacpp_decode_tokens_per_s_batch1")):
+        value = row_value(rows, metric)
+        out.append({"benchmark": "decode", "metric": f"{who}_roofline_fraction_batch1", "value": value / bound,
+                    "unit": "x", "note": "decode tok/s x bytes per token / probe bandwidth"
+                    + ("" if value == value else f" (no {who} figure in this run)")})
+    return out
+
+
 def run(quick: bool = False, model_dir: str | None = None) -> list[dict]:
-    return decode_rows(quick) + speculative_rows(quick, model_dir)
+    rows = decode_rows(quick)
+    rows += llamacpp_rows(quick, rows)
+    rows += roofline_rows(quick, rows)
+    return rows + speculative_rows(quick, model_dir)
 
 
 def main() -> None:
