@@ -13,12 +13,20 @@ Part 2, MTP self-speculative decoding against plain decoding in our engine, on a
 the draft acceptance rate. The model comes from `--model DIR`, `$DSMOE_BENCH_MODEL`, or the
 newest `out/demo/**/config.json` with an MTP layer (what `make demo` trains); without one the rows say so.
 
+Part 3, llama.cpp on the same weights, when a build is present (`python -m bench.llamacpp
+build`; without one its rows say so): our seed-0 `small` model exported to HF and converted
+by llama.cpp's own converter (f32), same thread count; batch-1 decode after a prompt-long
+context and prefill by llama-bench, batch 8 by llama-batched-bench (`bench/llamacpp.py`).
+Part 4, the memory roofline of batch-1 decode: a bandwidth probe in the same run (an fp32
+matrix-vector product over 256 MB), the bytes a step reads (`activated_bytes_per_token`)
+and the fraction of probe bandwidth x tokens/s that each engine reaches.
+
 Runs of the compared sides are interleaved round by round (the CPU is shared with other
 processes) and each figure is the median over rounds.
 
     python bench/decode.py [--quick] [--model DIR]      or     python -m bench decode
-Targets: >= 4x transformers at batch 1 and at batch 8; speculative >= 1.6x plain decoding
-with >= 80% acceptance.
+Targets: >= 4x transformers at batch 1 and at batch 8; batch 1 and batch 8 >= 0.8x
+llama.cpp; speculative >= 1.6x plain decoding with >= 80% acceptance.
 """
 from __future__ import annotations
 
@@ -215,21 +223,20 @@ def llamacpp_rows(quick: bool, ours: list[dict]) -> list[dict]:
             tokenization = "token ids equal to ours on a test text"
         except Exception as err:  # noqa: BLE001 - reported, the speed figures still stand
             tokenization = f"tokenization check failed: {err}"
-        single, batched = [], []
+        decode1, prefill, decode8 = [], [], []
         for _ in range(rounds):  # one repetition per call, medians over rounds
-            single.append(llamacpp.bench(gguf, threads, P_long, N))
-            batched.append(llamacpp.batched_bench(gguf, threads, 8, P, N))
-    decode1 = statistics.median(r["decode"] for r in single)
-    prefill = statistics.median(r["prefill"] for r in single)
-    decode8 = statistics.median(batched)
+            decode1.append(llamacpp.bench_decode(gguf, threads, P, N))
+            decode8.append(llamacpp.batched_bench(gguf, threads, 8, P, N))
+            prefill.append(llamacpp.bench_prefill(gguf, threads, P_long))
+    decode1, prefill, decode8 = map(statistics.median, (decode1, prefill, decode8))
     note = f"same weights (HF export -> convert_hf_to_gguf.py f32, {convert_s:.0f} s), {threads} threads"
     return [
         {"benchmark": "decode", "metric": metrics[0], "value": decode1, "unit": "tok/s",
-         "note": f"llama-bench -n {N} -t {threads}; {note}; {tokenization}"},
+         "note": f"llama-bench -p 0 -n {N} -d {P}; {note}; {tokenization}"},
         {"benchmark": "decode", "metric": metrics[1], "value": decode8, "unit": "tok/s",
          "note": f"llama-batched-bench -npl 8 -npp {P} -ntg {N} (S_TG)"},
         {"benchmark": "decode", "metric": metrics[2], "value": prefill, "unit": "tok/s",
-         "note": f"llama-bench -p {P_long}"},
+         "note": f"llama-bench -p {P_long} -n 0"},
         {"benchmark": "decode", "metric": metrics[3], "unit": "x", "note": "dsmoe / llama.cpp; target >= 0.8",
          "value": row_value(ours, "dsmoe_decode_tokens_per_s_batch1") / decode1},
         {"benchmark": "decode", "metric": metrics[4], "unit": "x", "note": "dsmoe / llama.cpp; target >= 0.8",

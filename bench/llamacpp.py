@@ -24,9 +24,12 @@ engine with it on the same weights and thread count. This module is the glue:
   share it), so the converter is told `starcoder` after our tokenizer's pre-tokenizer is
   checked to be that one; any other pre-tokenizer is an error, not a guess.
   `check_tokenization` then compares llama.cpp's token ids with ours on a test text.
-- bench: `llama-bench` gives prefill (pp) and batch-1 decode (tg) tokens/s;
-  `llama-batched-bench` gives batched decode (S_TG: generated tokens/s over all
-  sequences). Both read their own repetitions; model loading is not timed.
+- bench: `llama-bench` gives prefill (pp) and batch-1 decode (tg, after `-d` cached
+  tokens, as ours decodes after its prompt) tokens/s; `llama-batched-bench` gives batched
+  decode (S_TG: generated tokens/s over all sequences). One repetition per call (the
+  caller interleaves rounds and takes medians); model loading is not timed. The weights
+  are f32; llama.cpp keeps its KV cache in f16 (its default; llama-bench has no f32
+  cache type), which at these context lengths is about 1% of the bytes a step reads.
 Not here: quantised formats (we compare f32 with f32), llama.cpp's server.
 """
 from __future__ import annotations
@@ -215,40 +218,40 @@ def _json_records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def bench(gguf: Path, threads: int, prompt: int, new_tokens: int, repetitions: int = 1,
-          root: Path | None = None) -> dict[str, float]:
-    """llama-bench: {'prefill': pp tokens/s for a `prompt`-token prompt, 'decode': batch-1
-    tg tokens/s over `new_tokens` tokens}, the mean of `repetitions` runs."""
-    exe = tool("llama-bench", root)
+def _tool_output(name: str, args: list[str], root: Path | None) -> list[dict]:
+    exe = tool(name, root)
     if exe is None:
-        raise DsmoeError(f"llama-bench is not built: run {HOW_TO_BUILD}")
-    result = subprocess.run([str(exe), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(new_tokens),
-                             "-r", str(repetitions), "-o", "json"], capture_output=True, text=True)
-    if result.returncode:
-        raise DsmoeError(f"llama-bench failed: {result.stderr[-2000:]}")
-    out = {}
-    for rec in _json_records(result.stdout):
-        key = "prefill" if rec.get("n_prompt", 0) > 0 and rec.get("n_gen", 0) == 0 else "decode"
-        out[key] = float(rec["avg_ts"])
-    return out
+        raise DsmoeError(f"{name} is not built: run {HOW_TO_BUILD}")
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True)
+    records = _json_records(result.stdout) if result.returncode == 0 else []
+    if not records:
+        raise DsmoeError(f"{name} {' '.join(args)} gave no results (exit {result.returncode}): "
+                         f"{result.stderr[-2000:]}")
+    return records
+
+
+def bench_decode(gguf: Path, threads: int, depth: int, new_tokens: int, root: Path | None = None) -> float:
+    """llama-bench: batch-1 decode tokens/s of `new_tokens` tokens after `depth` cached ones."""
+    recs = _tool_output("llama-bench", ["-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(new_tokens),
+                                        "-d", str(depth), "-r", "1", "-o", "json"], root)
+    return float(recs[-1]["avg_ts"])
+
+
+def bench_prefill(gguf: Path, threads: int, prompt: int, root: Path | None = None) -> float:
+    """llama-bench: prefill tokens/s of one `prompt`-token prompt."""
+    recs = _tool_output("llama-bench", ["-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", "0",
+                                        "-r", "1", "-o", "json"], root)
+    return float(recs[-1]["avg_ts"])
 
 
 def batched_bench(gguf: Path, threads: int, batch: int, prompt: int, new_tokens: int,
                   root: Path | None = None) -> float:
     """llama-batched-bench: decode tokens/s summed over `batch` sequences (S_TG), each with
     its own `prompt`-token prompt and `new_tokens` new tokens."""
-    exe = tool("llama-batched-bench", root)
-    if exe is None:
-        raise DsmoeError(f"llama-batched-bench is not built: run {HOW_TO_BUILD}")
     ctx = batch * (prompt + new_tokens) + 16
-    result = subprocess.run([str(exe), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", str(ctx),
-                             "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(new_tokens),
-                             "-npl", str(batch), "--output-format", "jsonl"], capture_output=True, text=True)
-    if result.returncode:
-        raise DsmoeError(f"llama-batched-bench failed: {result.stderr[-2000:]}")
-    recs = _json_records(result.stdout)
-    if not recs:
-        raise DsmoeError(f"llama-batched-bench printed no results: {result.stdout[-1000:]}")
+    recs = _tool_output("llama-batched-bench", [
+        "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-b", "2048", "-ub", "512",
+        "-npp", str(prompt), "-ntg", str(new_tokens), "-npl", str(batch), "--output-format", "jsonl"], root)
     return float(recs[-1]["speed_tg"])
 
 
