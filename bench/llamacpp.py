@@ -218,12 +218,18 @@ def _json_records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def _tool_output(name: str, args: list[str], root: Path | None) -> list[dict]:
+def _tool_output(name: str, args: list[str], root: Path | None, attempts: int = 3) -> list[dict]:
+    """A tool's JSON records. llama.cpp prints them through an asynchronous log thread,
+    and on a busy machine the process now and then exits (status 0) before that thread
+    has written them: such a run is repeated."""
     exe = tool(name, root)
     if exe is None:
         raise DsmoeError(f"{name} is not built: run {HOW_TO_BUILD}")
-    result = subprocess.run([str(exe), *args], capture_output=True, text=True)
-    records = _json_records(result.stdout) if result.returncode == 0 else []
+    for _ in range(attempts):
+        result = subprocess.run([str(exe), *args], capture_output=True, text=True)
+        records = _json_records(result.stdout) if result.returncode == 0 else []
+        if records or result.returncode:
+            break
     if not records:
         raise DsmoeError(f"{name} {' '.join(args)} gave no results (exit {result.returncode}): "
                          f"{result.stderr[-2000:]}")
