@@ -191,11 +191,35 @@ def row_value(rows: list[dict], metric: str) -> float:
     return next((r["value"] for r in rows if r["metric"] == metric), float("nan"))
 
 
-def llamacpp_rows(quick: bool, ours: list[dict]) -> list[dict]:
+def seeded_engine(args: ModelArgs) -> tuple[Transformer, Engine]:
+    """The model of `build_pair` (seed 0) and an engine over it."""
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    return model, Engine(model, max_batch=8)
+
+
+def decode_rate(engine: Engine, prompts: list[list[int]], n: int) -> float:
+    """Decode tokens/s of one round: B (n - 1) / (time for n new tokens - time for 1)."""
+    t1 = timed(lambda: ours_generate(engine, prompts, 1))
+    tn = timed(lambda: ours_generate(engine, prompts, n))
+    return len(prompts) * (n - 1) / (tn - t1)
+
+
+def prefill_rate(engine: Engine, prompt: list[int]) -> float:
+    return len(prompt) / timed(lambda: ours_generate(engine, [prompt], 1))
+
+
+def random_prompts(args: ModelArgs, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, args.vocab_size, (batch, length), generator=g).tolist()
+
+
+def llamacpp_rows(quick: bool) -> list[dict]:
     """llama.cpp on the same weights (the seed-0 `small` model of `decode_rows`, exported to
     HF with a tokenizer, converted by llama.cpp's converter to f32 GGUF), same thread count:
-    batch-1 decode and prefill by llama-bench, batch-8 decode by llama-batched-bench; and the
-    ratios to our figures of `ours` (the rows of `decode_rows` in the same run)."""
+    batch-1 decode and prefill by llama-bench, batch-8 decode by llama-batched-bench. Our
+    engine runs the same measurement in the same rounds, alternating with llama.cpp, and
+    the ratios are taken between those paired medians (the CPU is shared)."""
     from bench import llamacpp
     P, N, P_long = sizes(quick)
     metrics = ("llamacpp_decode_tokens_per_s_batch1", "llamacpp_decode_tokens_per_s_batch8",
@@ -209,9 +233,10 @@ def llamacpp_rows(quick: bool, ours: list[dict]) -> list[dict]:
     args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
     threads = torch.get_num_threads()
     rounds = 2 if quick else 5
+    model, engine = seeded_engine(args)
+    one, eight, long = random_prompts(args, 1, P), random_prompts(args, 8, P), random_prompts(args, 1, P_long)[0]
+    theirs, ours = {k: [] for k in metrics[:3]}, {k: [] for k in metrics[:3]}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)  # the weights of build_pair
-        model = Transformer(args).eval()
         # the converter needs a tokenizer; decode speed does not depend on which
         tokenizer = train_tokenizer((d.text for d in iter_default_corpus(200_000)), args.vocab_size)
         save_hf(model, Path(tmp) / "hf", tokenizer=tokenizer)
@@ -223,40 +248,41 @@ def llamacpp_rows(quick: bool, ours: list[dict]) -> list[dict]:
             tokenization = "token ids equal to ours on a test text"
         except Exception as err:  # noqa: BLE001 - reported, the speed figures still stand
             tokenization = f"tokenization check failed: {err}"
-        decode1, prefill, decode8 = [], [], []
-        for _ in range(rounds):  # one repetition per call, medians over rounds
-            decode1.append(llamacpp.bench_decode(gguf, threads, P, N))
-            decode8.append(llamacpp.batched_bench(gguf, threads, 8, P, N))
-            prefill.append(llamacpp.bench_prefill(gguf, threads, P_long))
-    decode1, prefill, decode8 = map(statistics.median, (decode1, prefill, decode8))
+        ours_generate(engine, eight, 2)  # warm-up
+        for _ in range(rounds):  # one repetition per call, alternating, medians over rounds
+            theirs[metrics[0]].append(llamacpp.bench_decode(gguf, threads, P, N))
+            ours[metrics[0]].append(decode_rate(engine, one, N))
+            theirs[metrics[1]].append(llamacpp.batched_bench(gguf, threads, 8, P, N))
+            ours[metrics[1]].append(decode_rate(engine, eight, N))
+            theirs[metrics[2]].append(llamacpp.bench_prefill(gguf, threads, P_long))
+            ours[metrics[2]].append(prefill_rate(engine, long))
+    theirs = {k: statistics.median(v) for k, v in theirs.items()}
+    ours = {k: statistics.median(v) for k, v in ours.items()}
     note = f"same weights (HF export -> convert_hf_to_gguf.py f32, {convert_s:.0f} s), {threads} threads"
-    return [
-        {"benchmark": "decode", "metric": metrics[0], "value": decode1, "unit": "tok/s",
+    rows = [
+        {"benchmark": "decode", "metric": metrics[0], "value": theirs[metrics[0]], "unit": "tok/s",
          "note": f"llama-bench -p 0 -n {N} -d {P}; {note}; {tokenization}"},
-        {"benchmark": "decode", "metric": metrics[1], "value": decode8, "unit": "tok/s",
+        {"benchmark": "decode", "metric": metrics[1], "value": theirs[metrics[1]], "unit": "tok/s",
          "note": f"llama-batched-bench -npl 8 -npp {P} -ntg {N} (S_TG)"},
-        {"benchmark": "decode", "metric": metrics[2], "value": prefill, "unit": "tok/s",
+        {"benchmark": "decode", "metric": metrics[2], "value": theirs[metrics[2]], "unit": "tok/s",
          "note": f"llama-bench -p {P_long} -n 0"},
-        {"benchmark": "decode", "metric": metrics[3], "unit": "x", "note": "dsmoe / llama.cpp; target >= 0.8",
-         "value": row_value(ours, "dsmoe_decode_tokens_per_s_batch1") / decode1},
-        {"benchmark": "decode", "metric": metrics[4], "unit": "x", "note": "dsmoe / llama.cpp; target >= 0.8",
-         "value": row_value(ours, "dsmoe_decode_tokens_per_s_batch8") / decode8},
-        {"benchmark": "decode", "metric": metrics[5], "unit": "x", "note": "dsmoe / llama.cpp",
-         "value": row_value(ours, "dsmoe_prefill_tokens_per_s") / prefill},
     ]
+    for ratio, metric, target in zip(metrics[3:], metrics[:3], ("; target >= 0.8", "; target >= 0.8", "")):
+        rows.append({"benchmark": "decode", "metric": ratio, "value": ours[metric] / theirs[metric], "unit": "x",
+                     "note": f"dsmoe {ours[metric]:,.1f} tok/s in the same rounds / llama.cpp{target}"})
+    return rows
 
 
-def bandwidth_probe(rounds: int, n_bytes: int = 256 << 20) -> float:
-    """Memory bandwidth (bytes/s) of a plain fp32 matrix-vector product over a matrix far
-    larger than the caches: x (1, K) @ W (K, N), W read once per call, median over rounds.
-    (This layout, W stored input-major, is the faster of the two at batch 1 here; the
+def bandwidth_probe(n_bytes: int = 256 << 20):
+    """A memory bandwidth probe: a plain fp32 matrix-vector product over a matrix far larger
+    than the caches, x (1, K) @ W (K, N), W read once per call. Returns a function giving
+    bytes/s for one call. (W stored input-major is the faster layout at batch 1 here; the
     output-major F.linear layout reaches about 0.85 of it.)"""
     K = 4096
     W = torch.randn(K, n_bytes // 4 // K)
     x = torch.randn(1, K)
-    (x @ W).sum()  # warm-up: page in the weights
-    times = [timed(lambda: x @ W) for _ in range(rounds)]
-    return W.nbytes / statistics.median(times)
+    (x @ W).sum()  # warm-up: page the weights in
+    return lambda: W.nbytes / timed(lambda: x @ W)
 
 
 def activated_bytes_per_token(args: ModelArgs, context: float, dtype_bytes: int = 4) -> float:
@@ -272,14 +298,24 @@ def activated_bytes_per_token(args: ModelArgs, context: float, dtype_bytes: int 
 
 
 def roofline_rows(quick: bool, rows: list[dict]) -> list[dict]:
-    """The memory roofline of batch-1 decode: bandwidth probe (same run, same threads),
-    bytes per token, and the fraction of the roofline that dsmoe (and llama.cpp) reach."""
+    """The memory roofline of batch-1 decode: a bandwidth probe alternating round by round
+    with our batch-1 decode (same threads), the bytes a token reads, and the fraction of
+    the roofline reached: dsmoe's from those paired rounds, llama.cpp's from its row."""
     args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
     P, N, _ = sizes(quick)
-    bandwidth = bandwidth_probe(3 if quick else 7)
+    _, engine = seeded_engine(args)
+    prompts = random_prompts(args, 1, P)
+    probe = bandwidth_probe()
+    ours_generate(engine, prompts, 2)  # warm-up
+    bandwidth, rate = [], []
+    for _ in range(2 if quick else 5):
+        bandwidth.append(statistics.median(probe() for _ in range(3)))
+        rate.append(decode_rate(engine, prompts, N))
+    bandwidth, rate = statistics.median(bandwidth), statistics.median(rate)
     per_token = activated_bytes_per_token(args, P + N / 2)
     bound = bandwidth / per_token
-    out = [
+    theirs = row_value(rows, "llamacpp_decode_tokens_per_s_batch1")
+    return [
         {"benchmark": "decode", "metric": "memory_bandwidth_probe", "value": bandwidth / 1e9, "unit": "GB/s",
          "note": f"x @ W, fp32 W of 256 MB, {torch.get_num_threads()} threads, median"},
         {"benchmark": "decode", "metric": "activated_bytes_per_token", "value": per_token / 1e6, "unit": "MB",
@@ -287,19 +323,17 @@ def roofline_rows(quick: bool, rows: list[dict]) -> list[dict]:
                  f"context {P + N // 2}"},
         {"benchmark": "decode", "metric": "roofline_decode_tokens_per_s_batch1", "value": bound, "unit": "tok/s",
          "note": "bandwidth probe / bytes per token"},
+        {"benchmark": "decode", "metric": "dsmoe_roofline_fraction_batch1", "value": rate / bound, "unit": "x",
+         "note": f"dsmoe {rate:,.1f} tok/s, in rounds alternating with the probe, x bytes per token / bandwidth"},
+        {"benchmark": "decode", "metric": "llamacpp_roofline_fraction_batch1", "value": theirs / bound, "unit": "x",
+         "note": "llama.cpp batch-1 tok/s (its own rounds) x bytes per token / bandwidth"
+                 + ("" if theirs == theirs else " (no llama.cpp figure in this run)")},
     ]
-    for who, metric in (("dsmoe", "dsmoe_decode_tokens_per_s_batch1"),
-                        ("llamacpp", "llamacpp_decode_tokens_per_s_batch1")):
-        value = row_value(rows, metric)
-        out.append({"benchmark": "decode", "metric": f"{who}_roofline_fraction_batch1", "value": value / bound,
-                    "unit": "x", "note": "decode tok/s x bytes per token / probe bandwidth"
-                    + ("" if value == value else f" (no {who} figure in this run)")})
-    return out
 
 
 def run(quick: bool = False, model_dir: str | None = None) -> list[dict]:
     rows = decode_rows(quick)
-    rows += llamacpp_rows(quick, rows)
+    rows += llamacpp_rows(quick)
     rows += roofline_rows(quick, rows)
     return rows + speculative_rows(quick, model_dir)
 

@@ -35,7 +35,7 @@ def test_our_pre_tokenizer_is_the_one_named(tokenizer):
 def test_rows_say_how_to_build_when_absent(tmp_path, monkeypatch):
     monkeypatch.setenv("DSMOE_LLAMACPP_DIR", str(tmp_path))
     assert not llamacpp.available()
-    rows = decode.llamacpp_rows(True, [])
+    rows = decode.llamacpp_rows(True)
     assert rows and all(math.isnan(r["value"]) for r in rows)
     assert all("python -m bench.llamacpp build" in r["note"] and str(tmp_path) in r["note"] for r in rows)
     with pytest.raises(DsmoeError, match="bench.llamacpp build"):
