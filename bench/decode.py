@@ -13,12 +13,20 @@ Part 2, MTP self-speculative decoding against plain decoding in our engine, on a
 the draft acceptance rate. The model comes from `--model DIR`, `$DSMOE_BENCH_MODEL`, or the
 newest `out/demo/**/config.json` with an MTP layer (what `make demo` trains); without one the rows say so.
 
+Part 3, llama.cpp on the same weights, when a build is present (`python -m bench.llamacpp
+build`; without one its rows say so): our seed-0 `small` model exported to HF and converted
+by llama.cpp's own converter (f32), same thread count; batch-1 decode after a prompt-long
+context and prefill by llama-bench, batch 8 by llama-batched-bench (`bench/llamacpp.py`).
+Part 4, the memory roofline of batch-1 decode: a bandwidth probe in the same run (an fp32
+matrix-vector product over 256 MB), the bytes a step reads (`activated_bytes_per_token`)
+and the fraction of probe bandwidth x tokens/s that each engine reaches.
+
 Runs of the compared sides are interleaved round by round (the CPU is shared with other
 processes) and each figure is the median over rounds.
 
     python bench/decode.py [--quick] [--model DIR]      or     python -m bench decode
-Targets: >= 4x transformers at batch 1 and at batch 8; speculative >= 1.6x plain decoding
-with >= 80% acceptance.
+Targets: >= 4x transformers at batch 1 and at batch 8; batch 1 and batch 8 >= 0.8x
+llama.cpp; speculative >= 1.6x plain decoding with >= 80% acceptance.
 """
 from __future__ import annotations
 
@@ -84,9 +92,14 @@ def median_rates(jobs: dict, rounds: int) -> dict[str, float]:
     return {name: units / statistics.median(times[name]) for name, (_, units) in jobs.items()}
 
 
+def sizes(quick: bool) -> tuple[int, int, int]:
+    """Decode prompt length, new tokens per request, prefill prompt length."""
+    return (32, 16, 128) if quick else (64, 64, 448)
+
+
 def decode_rows(quick: bool) -> list[dict]:
     args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
-    P, N, P_long = (32, 16, 128) if quick else (64, 64, 448)
+    P, N, P_long = sizes(quick)
     rounds = 2 if quick else 5
     with tempfile.TemporaryDirectory() as tmp:
         ours, theirs = build_pair(args, Path(tmp))
@@ -174,8 +187,156 @@ def speculative_rows(quick: bool, model_dir: str | None) -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------- llama.cpp, roofline
+def row_value(rows: list[dict], metric: str) -> float:
+    return next((r["value"] for r in rows if r["metric"] == metric), float("nan"))
+
+
+def seeded_engine(args: ModelArgs) -> tuple[Transformer, Engine]:
+    """The model of `build_pair` (seed 0) and an engine over it."""
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    return model, Engine(model, max_batch=8)
+
+
+def decode_rate(engine: Engine, prompts: list[list[int]], n: int) -> float:
+    """Decode tokens/s of one round: B (n - 1) / (time for n new tokens - time for 1)."""
+    t1 = timed(lambda: ours_generate(engine, prompts, 1))
+    tn = timed(lambda: ours_generate(engine, prompts, n))
+    return len(prompts) * (n - 1) / (tn - t1)
+
+
+def prefill_rate(engine: Engine, prompt: list[int]) -> float:
+    return len(prompt) / timed(lambda: ours_generate(engine, [prompt], 1))
+
+
+def random_prompts(args: ModelArgs, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, args.vocab_size, (batch, length), generator=g).tolist()
+
+
+def llamacpp_rows(quick: bool) -> list[dict]:
+    """llama.cpp on the same weights (the seed-0 `small` model of `decode_rows`, exported to
+    HF with a tokenizer, converted by llama.cpp's converter to f32 GGUF), same thread count:
+    batch-1 decode and prefill by llama-bench, batch-8 decode by llama-batched-bench. Our
+    engine runs the same measurement in the same rounds, alternating with llama.cpp, and
+    the ratios are taken between those paired medians (the CPU is shared)."""
+    from bench import llamacpp
+    P, N, P_long = sizes(quick)
+    metrics = ("llamacpp_decode_tokens_per_s_batch1", "llamacpp_decode_tokens_per_s_batch8",
+               "llamacpp_prefill_tokens_per_s", "decode_vs_llamacpp_batch1", "decode_vs_llamacpp_batch8",
+               "prefill_vs_llamacpp")
+    if not llamacpp.available():
+        return [{"benchmark": "decode", "metric": m, "value": float("nan"), "unit": "",
+                 "note": f"llama.cpp not built in {llamacpp.home()}: {llamacpp.HOW_TO_BUILD}"} for m in metrics]
+    from dsmoe.data.corpus import iter_default_corpus
+    from dsmoe.data.tokenizer import train_tokenizer
+    args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
+    threads = torch.get_num_threads()
+    rounds = 2 if quick else 5
+    model, engine = seeded_engine(args)
+    one, eight, long = random_prompts(args, 1, P), random_prompts(args, 8, P), random_prompts(args, 1, P_long)[0]
+    theirs, ours = {k: [] for k in metrics[:3]}, {k: [] for k in metrics[:3]}
+    with tempfile.TemporaryDirectory() as tmp:
+        # the converter needs a tokenizer; decode speed does not depend on which
+        tokenizer = train_tokenizer((d.text for d in iter_default_corpus(200_000)), args.vocab_size)
+        save_hf(model, Path(tmp) / "hf", tokenizer=tokenizer)
+        start = time.perf_counter()
+        gguf = llamacpp.convert(Path(tmp) / "hf", Path(tmp) / "model-f32.gguf")
+        convert_s = time.perf_counter() - start
+        try:
+            llamacpp.check_tokenization(gguf, tokenizer)
+            tokenization = "token ids equal to ours on a test text"
+        except Exception as err:  # noqa: BLE001 - reported, the speed figures still stand
+            tokenization = f"tokenization check failed: {err}"
+        ours_generate(engine, eight, 2)  # warm-up
+        for _ in range(rounds):  # one repetition per call, alternating, medians over rounds
+            theirs[metrics[0]].append(llamacpp.bench_decode(gguf, threads, P, N))
+            ours[metrics[0]].append(decode_rate(engine, one, N))
+            theirs[metrics[1]].append(llamacpp.batched_bench(gguf, threads, 8, P, N))
+            ours[metrics[1]].append(decode_rate(engine, eight, N))
+            theirs[metrics[2]].append(llamacpp.bench_prefill(gguf, threads, P_long))
+            ours[metrics[2]].append(prefill_rate(engine, long))
+    theirs = {k: statistics.median(v) for k, v in theirs.items()}
+    ours = {k: statistics.median(v) for k, v in ours.items()}
+    note = f"same weights (HF export -> convert_hf_to_gguf.py f32, {convert_s:.0f} s), {threads} threads"
+    rows = [
+        {"benchmark": "decode", "metric": metrics[0], "value": theirs[metrics[0]], "unit": "tok/s",
+         "note": f"llama-bench -p 0 -n {N} -d {P}; {note}; {tokenization}"},
+        {"benchmark": "decode", "metric": metrics[1], "value": theirs[metrics[1]], "unit": "tok/s",
+         "note": f"llama-batched-bench -npl 8 -npp {P} -ntg {N} (S_TG)"},
+        {"benchmark": "decode", "metric": metrics[2], "value": theirs[metrics[2]], "unit": "tok/s",
+         "note": f"llama-bench -p {P_long} -n 0"},
+    ]
+    for ratio, metric, target in zip(metrics[3:], metrics[:3], ("; target >= 0.8", "; target >= 0.8", "")):
+        rows.append({"benchmark": "decode", "metric": ratio, "value": ours[metric] / theirs[metric], "unit": "x",
+                     "note": f"dsmoe {ours[metric]:,.1f} tok/s in the same rounds / llama.cpp{target}"})
+    return rows
+
+
+def bandwidth_probe(n_bytes: int = 256 << 20):
+    """A memory bandwidth probe: a plain fp32 matrix-vector product over a matrix far larger
+    than the caches, x (1, K) @ W (K, N), W read once per call. Returns a function giving
+    bytes/s for one call. (W stored input-major is the faster layout at batch 1 here; the
+    output-major F.linear layout reaches about 0.85 of it.)"""
+    K = 4096
+    W = torch.randn(K, n_bytes // 4 // K)
+    x = torch.randn(1, K)
+    (x @ W).sum()  # warm-up: page the weights in
+    return lambda: W.nbytes / timed(lambda: x @ W)
+
+
+def activated_bytes_per_token(args: ModelArgs, context: float, dtype_bytes: int = 4) -> float:
+    """Bytes a batch-1 decode step must read: the activated parameters
+    (`dsmoe.analysis.flops`: all but the routed experts, plus the chosen share of those,
+    head included) less the embedding table, of which one row is read; plus the latent
+    cache of every layer at the given context length ((kv_lora_rank + qk_rope_head_dim)
+    values per position). Activations and the cache write are negligible beside these."""
+    from dsmoe.analysis.flops import count_params, kv_cache_bytes
+    counts = count_params(args)
+    weights = (counts.activated - counts.groups["embed"] + args.dim) * dtype_bytes
+    return weights + kv_cache_bytes(args, dtype_bytes).mla_bytes_per_token * context
+
+
+def roofline_rows(quick: bool, rows: list[dict]) -> list[dict]:
+    """The memory roofline of batch-1 decode: a bandwidth probe alternating round by round
+    with our batch-1 decode (same threads), the bytes a token reads, and the fraction of
+    the roofline reached: dsmoe's from those paired rounds, llama.cpp's from its row."""
+    args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
+    P, N, _ = sizes(quick)
+    _, engine = seeded_engine(args)
+    prompts = random_prompts(args, 1, P)
+    probe = bandwidth_probe()
+    ours_generate(engine, prompts, 2)  # warm-up
+    bandwidth, rate = [], []
+    for _ in range(2 if quick else 5):
+        bandwidth.append(statistics.median(probe() for _ in range(3)))
+        rate.append(decode_rate(engine, prompts, N))
+    bandwidth, rate = statistics.median(bandwidth), statistics.median(rate)
+    per_token = activated_bytes_per_token(args, P + N / 2)
+    bound = bandwidth / per_token
+    theirs = row_value(rows, "llamacpp_decode_tokens_per_s_batch1")
+    return [
+        {"benchmark": "decode", "metric": "memory_bandwidth_probe", "value": bandwidth / 1e9, "unit": "GB/s",
+         "note": f"x @ W, fp32 W of 256 MB, {torch.get_num_threads()} threads, median"},
+        {"benchmark": "decode", "metric": "activated_bytes_per_token", "value": per_token / 1e6, "unit": "MB",
+         "note": f"fp32 activated params (flops.py rule) without the embedding table, + latent cache at "
+                 f"context {P + N // 2}"},
+        {"benchmark": "decode", "metric": "roofline_decode_tokens_per_s_batch1", "value": bound, "unit": "tok/s",
+         "note": "bandwidth probe / bytes per token"},
+        {"benchmark": "decode", "metric": "dsmoe_roofline_fraction_batch1", "value": rate / bound, "unit": "x",
+         "note": f"dsmoe {rate:,.1f} tok/s, in rounds alternating with the probe, x bytes per token / bandwidth"},
+        {"benchmark": "decode", "metric": "llamacpp_roofline_fraction_batch1", "value": theirs / bound, "unit": "x",
+         "note": "llama.cpp batch-1 tok/s (its own rounds) x bytes per token / bandwidth"
+                 + ("" if theirs == theirs else " (no llama.cpp figure in this run)")},
+    ]
+
+
 def run(quick: bool = False, model_dir: str | None = None) -> list[dict]:
-    return decode_rows(quick) + speculative_rows(quick, model_dir)
+    rows = decode_rows(quick)
+    rows += llamacpp_rows(quick)
+    rows += roofline_rows(quick, rows)
+    return rows + speculative_rows(quick, model_dir)
 
 
 def main() -> None:
