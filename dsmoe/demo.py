@@ -1,11 +1,13 @@
 """`dsmoe demo` (`make demo`): prepare real data, pretrain a DeepSeek-style MoE on it on a
 laptop CPU for a few minutes, and show that it learned.
 
-1. `dsmoe prepare` on the embedded corpus (English, French, Spanish, Python code, worked
-   arithmetic) into ./out/demo-data with the `demo` preset's vocabulary, reused when there;
+1. the embedded corpus (English, French, Spanish, Python code as `dsmoe prepare` reads them;
+   worked arithmetic at difficulty 1) as JSONL in ./out/demo-corpus, prepared with the `demo`
+   preset's vocabulary into ./out/demo-data (reused when unchanged);
 2. train the `demo` preset (MLA, 8 routed experts + 1 shared, aux-loss-free balancing,
-   MTP) into ./out/demo for a fixed number of steps (the same run on every machine; a
-   quiet 2-core CPU takes about four minutes, a busy one longer; the start says how long);
+   MTP) into ./out/demo for a fixed number of steps (the same run on every machine; two
+   quiet cores take about five minutes for the whole demo, a busy machine longer; the start
+   says how long to expect);
 3. show what it learned: the validation loss of each domain beside the entropy of that
    domain's unigram token distribution (the best loss a model that ignores context can
    reach), a sampled continuation per domain, greedy exact-answer accuracy on held-out
@@ -13,11 +15,11 @@ laptop CPU for a few minutes, and show that it learned.
    module's drafts speculative decoding accepts, the expert load of every MoE layer, a
    PNG of loss and MaxVio over training, and the `dsmoe explore` command for the model.
 
-Why these sizes: on two cores a few minutes buy about a million tokens, so the model is
-small (~4M parameters) and fast per token, and the vocabulary is 2048 (an 8192 one spends
-most of a short run learning rare tokens' embeddings and its head costs a third of a
-step). Why a fixed step count and not a time budget: the same command gives the same
-model and figures on a busy machine as on a quiet one; only the wall time differs.
+Why these sizes: two cores buy about a million training tokens in a few minutes, so the
+model is small (2.3M parameters) and fast per token, with a 2048-token vocabulary (the
+output head, used twice with MTP, is most of a small model's step). Why a fixed step count
+and not a time budget: the same command gives the same model and figures on a busy machine
+as on a quiet one; only the wall time differs.
 The demo never asks for anything and starts its run afresh each time (./out/demo is its
 own output); it fails only on a broken installation.
 Not here: anything tunable. For real runs use `dsmoe prepare` and `dsmoe train`.
@@ -25,6 +27,7 @@ Not here: anything tunable. For real runs use `dsmoe prepare` and `dsmoe train`.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -44,25 +47,27 @@ STEPS = 1200
 SETTINGS = dict(batch_size=8, seq_len=128, lr=5e-3, min_lr_ratio=0.05, warmup_steps=30,
                 schedule="wsd", decay_fraction=0.3, gamma=0.01, eval_batches=4, keep_last=1,
                 log_interval=50, seed=0)
+# Low: a young model's probability mass beyond its top few tokens is mostly noise (at 0.7 its
+# samples were half made-up words, at 0.3 mostly real ones); 0 repeats the commonest phrase.
+SAMPLE_TEMPERATURE = 0.3
 PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code": "def ",
            "math": "Question: What is 12 + 30?\nSolution:\n"}
 LANGUAGE_DOMAINS = ("en", "fr", "es", "code")
 MATH_CHARS = 3_000_000
 MATH_KINDS = ("addition", "subtraction", "multiplication", "division")  # simplest first
 MATH_PROBLEMS = 40  # held-out problems per kind, difficulty 1
-MATH_MAX_TOKENS = 160  # a difficulty-1 division's worked solution is the longest, ~110 tokens
+MATH_MAX_TOKENS = 160  # the longest difficulty-1 worked solution is ~70 tokens; room to ramble
 
 
 def write_corpus(folder: Path, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN,
                  math_chars: int = MATH_CHARS) -> Path:
     """The embedded corpus as one JSONL file per domain, the math domain at difficulty 1.
 
-    The default corpus mixes difficulties 1 to 4 of eight problem kinds; in a few minutes
-    a small model sees too few of any one to learn its algorithm, so the demo's math text
-    is difficulty 1 of the arithmetic kinds only (mathgen's train split, seed 0; the held-out
-    problems come from its test split).
+    The default corpus mixes difficulties 1 to 4 of eight problem kinds; a few minutes show
+    a small model a few thousand problems, so the demo's math text is the level and the
+    kinds its accuracy is measured on: difficulty 1 of the four arithmetic kinds (mathgen's
+    train split, seed 0; the held-out problems come from its test split).
     """
-    import json
     from dsmoe.data import mathgen
     from dsmoe.data.corpus import iter_default_corpus
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,8 +240,8 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     model, tokenizer = load_model_dir(result.hf_dir)
     with torch.inference_mode():
         plain = Engine(model, tokenizer, max_batch=math_problems)
-        texts = prompt_outputs(plain, tokenizer, 40, temperature=0.7, top_k=50, seed=0)
-        print("\nSamples (temperature 0.7, top-k 50, seeded):")
+        texts = prompt_outputs(plain, tokenizer, 40, temperature=SAMPLE_TEMPERATURE, top_k=50, seed=0)
+        print(f"\nSamples (temperature {SAMPLE_TEMPERATURE}, top-k 50, seeded):")
         for (domain, prompt), text in zip(PROMPTS.items(), texts):
             print(f"  [{domain}] {prompt!r} -> {text!r}")
 

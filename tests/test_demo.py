@@ -106,7 +106,7 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert (run_dir / demo.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
     assert printed.rstrip().endswith(demo.explore_command(run_dir / "hf", data_dir, run_dir))
     for domain in ("en", "fr", "es", "code", "math"):
-        assert re.search(rf"^{domain}\s+\d+\.\d+\s+\d+\.\d+", printed, re.M)
+        assert re.search(rf"^{domain}\s+\d+\.\d+\s+\d+\.\d+", printed, re.MULTILINE)
     assert re.search(r"addition \d+%, subtraction \d+%, multiplication \d+%, division \d+%", printed)
     accepted, drafted = map(int, re.search(r"drafts accepted \d+% \((\d+)/(\d+)\)", printed).groups())
     assert 0 <= accepted <= drafted and drafted > 0
