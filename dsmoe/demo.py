@@ -1,15 +1,25 @@
 """`dsmoe demo` (`make demo`): prepare real data, pretrain a DeepSeek-style MoE on it on a
 laptop CPU for a few minutes, and show that it learned.
 
-1. `dsmoe prepare` on the embedded corpus (English, French, Spanish, Python code, worked
-   arithmetic) into ./out/data, reused when it is already there;
-2. train the `small` preset (MLA, 32 fine-grained routed experts + 1 shared, aux-loss-free
-   balancing, MTP) into ./out/demo. The step count is fitted to the time budget: a few
-   timed steps of a throwaway model measure this machine first, so the learning-rate
-   schedule always runs to its end (a safety stop at 1.5x the budget remains);
-3. print the validation loss of each domain beside the entropy of that domain's unigram
-   token distribution (the best loss a model that ignores context can reach), a short
-   generated sample per domain, and the expert load of each MoE layer on validation text.
+1. the embedded corpus (English, French, Spanish, Python code as `dsmoe prepare` reads them;
+   worked arithmetic at difficulty 1) as JSONL in ./out/demo-corpus, prepared with the `demo`
+   preset's vocabulary into ./out/demo-data (reused when unchanged);
+2. train the `demo` preset (MLA, 8 routed experts + 1 shared, aux-loss-free balancing,
+   MTP) into ./out/demo for a fixed number of steps (the same run on every machine; two
+   quiet cores take about five minutes for the whole demo, a busy machine longer; the start
+   says how long to expect);
+3. show what it learned: the validation loss of each domain beside the entropy of that
+   domain's unigram token distribution (the best loss a model that ignores context can
+   reach), a sampled continuation per domain, greedy exact-answer accuracy on held-out
+   arithmetic problems (mathgen's test split, never trained on), how many of the MTP
+   module's drafts speculative decoding accepts, the expert load of every MoE layer, a
+   PNG of loss and MaxVio over training, and the `dsmoe explore` command for the model.
+
+Why these sizes: two cores buy about a million training tokens in a few minutes, so the
+model is small (2.3M parameters) and fast per token, with a 2048-token vocabulary (the
+output head, used twice with MTP, is most of a small model's step). Why a fixed step count
+and not a time budget: the same command gives the same model and figures on a busy machine
+as on a quiet one; only the wall time differs.
 The demo never asks for anything and starts its run afresh each time (./out/demo is its
 own output); it fails only on a broken installation.
 Not here: anything tunable. For real runs use `dsmoe prepare` and `dsmoe train`.
@@ -17,6 +27,7 @@ Not here: anything tunable. For real runs use `dsmoe prepare` and `dsmoe train`.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -24,57 +35,137 @@ from pathlib import Path
 import torch
 
 from dsmoe.config import ModelArgs
+from dsmoe.data.corpus import DEFAULT_MAX_CHARS_PER_DOMAIN
 from dsmoe.train.config import TrainConfig
 
-DATA_DIR, RUN_DIR = Path("out/data"), Path("out/demo")
-PRESET = "small"
-BUDGET_S = 270.0  # training time on 2 cores, evaluations included
-# gamma: the bias must move faster than DeepSeek's 0.001 to matter within a few hundred steps
+OUT = Path("out")
+CORPUS_NAME, DATA_NAME, RUN_NAME, PLOT_NAME = "demo-corpus", "demo-data", "demo", "training.png"
+PRESET = "demo"
+STEPS = 1200
+# gamma: the bias must move faster than DeepSeek's 0.001 to matter within a few hundred steps.
 # WSD: a short run learns more at the peak rate, then gains in the final decay.
-SETTINGS = dict(batch_size=8, seq_len=128, lr=3e-3, min_lr_ratio=0.05, warmup_steps=20,
+SETTINGS = dict(batch_size=8, seq_len=128, lr=5e-3, min_lr_ratio=0.05, warmup_steps=30,
                 schedule="wsd", decay_fraction=0.3, gamma=0.01, eval_batches=4, keep_last=1,
-                log_interval=10, seed=0)
+                log_interval=50, seed=0)
+# Low: a young model's probability mass beyond its top few tokens is mostly noise (at 0.7 its
+# samples were half made-up words, at 0.3 mostly real ones); 0 repeats the commonest phrase.
+SAMPLE_TEMPERATURE = 0.3
 PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code": "def ",
            "math": "Question: What is 12 + 30?\nSolution:\n"}
+LANGUAGE_DOMAINS = ("en", "fr", "es", "code")
+MATH_CHARS = 3_000_000
+MATH_KINDS = ("addition", "subtraction", "multiplication", "division")  # simplest first
+MATH_PROBLEMS = 40  # held-out problems per kind, difficulty 1
+MATH_MAX_TOKENS = 160  # the longest difficulty-1 worked solution is ~70 tokens; room to ramble
 
 
-def demo_config(steps: int, threads: int = 0, budget_s: float = BUDGET_S) -> TrainConfig:
-    return TrainConfig(steps=steps, eval_interval=max(10, (steps + 1) // 2), ckpt_interval=steps,
-                       max_seconds=1.5 * budget_s, threads=threads, **SETTINGS)
+def write_corpus(folder: Path, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN,
+                 math_chars: int = MATH_CHARS) -> Path:
+    """The embedded corpus as one JSONL file per domain, the math domain at difficulty 1.
+
+    The default corpus mixes difficulties 1 to 4 of eight problem kinds; a few minutes show
+    a small model a few thousand problems, so the demo's math text is the level and the
+    kinds its accuracy is measured on: difficulty 1 of the four arithmetic kinds (mathgen's
+    train split, seed 0; the held-out problems come from its test split).
+    """
+    from dsmoe.data import mathgen
+    from dsmoe.data.corpus import iter_default_corpus
+    folder.mkdir(parents=True, exist_ok=True)
+    for domain in LANGUAGE_DOMAINS:
+        with open(folder / f"{domain}.jsonl", "w", encoding="utf-8") as f:
+            for doc in iter_default_corpus(max_chars_per_domain, (domain,)):
+                f.write(json.dumps({"text": doc.text, "domain": domain}) + "\n")
+    with open(folder / "math.jsonl", "w", encoding="utf-8") as f:
+        written = 0
+        for problem in mathgen.problems("train", seed=0, difficulty=1, kinds=MATH_KINDS):
+            if written >= math_chars:
+                break
+            text = mathgen.as_document(problem)
+            written += len(text)
+            f.write(json.dumps({"text": text, "domain": "math"}) + "\n")
+    return folder
 
 
-def fit_steps(args: ModelArgs, shards, budget_s: float, probe_steps: int = 2) -> tuple[int, int, float]:
-    """(steps, threads, seconds per step) that fit `budget_s` on this machine.
+def demo_config(steps: int = STEPS, threads: int = 0, evals: int = 4) -> TrainConfig:
+    return TrainConfig(steps=steps, eval_interval=max(1, steps // evals), ckpt_interval=steps,
+                       threads=threads, **SETTINGS)
 
-    A throwaway model times a few steps with torch's default threads and with one: on a
-    CPU that other work shares, one thread is often faster (no waiting for a descheduled
-    partner at every parallel region). Evaluations add about a tenth on top.
+
+def pick_threads(args: ModelArgs, shards, probe_steps: int = 3) -> tuple[int, float]:
+    """(threads, seconds per step): torch's default threads or one, whichever is faster here.
+
+    On a CPU that other work shares, one thread is often faster (no waiting for a
+    descheduled partner at every parallel region). Only the speed depends on the choice;
+    the number of steps does not.
     """
     from dsmoe.data.shards import BatchStream
-    from dsmoe.device import resolve_device
     from dsmoe.model import Transformer
     from dsmoe.train.balance import Balancer
     from dsmoe.train.optim import build_optimizer
     from dsmoe.train.pretrain import train_step
-    default = torch.get_num_threads()
-    timings = {}
+    default, timings = torch.get_num_threads(), {}
+    device = torch.device("cpu")
     for threads in dict.fromkeys((default, 1)):
         torch.set_num_threads(threads)
-        cfg = demo_config(1000, threads)
-        device = resolve_device(cfg.device)
-        model = Transformer(args).to(device).train()
+        cfg = demo_config(threads=threads)
+        model = Transformer(args).train()
         optimizer = build_optimizer(model, cfg)
         balancer = Balancer(model.moe_layers(), cfg.balance)
         stream = BatchStream(shards, "train", cfg.batch_size, cfg.seq_len, seed=12345)
-        train_step(model, optimizer, balancer, stream, cfg, 0, device, RUN_DIR)  # warm-up
+        train_step(model, optimizer, balancer, stream, cfg, 0, device, Path("."))  # warm-up
         start = time.perf_counter()
         for step in range(1, probe_steps + 1):
-            train_step(model, optimizer, balancer, stream, cfg, step, device, RUN_DIR)
+            train_step(model, optimizer, balancer, stream, cfg, step, device, Path("."))
         timings[threads] = (time.perf_counter() - start) / probe_steps
     torch.set_num_threads(default)
     threads = min(timings, key=timings.get)
-    steps = max(40, min(2000, int(0.9 * budget_s / timings[threads])))
-    return steps, threads, timings[threads]
+    return threads, timings[threads]
+
+
+def loss_table(val: dict[str, float], shards) -> list[str]:
+    """Validation loss per domain beside its unigram entropy, and the weighted total."""
+    from dsmoe.data.shards import unigram_entropy
+    lines = [f"{'domain':<8} {'val loss':>9} {'unigram entropy':>16}   (nats/token)"]
+    for domain, loss in val.items():
+        entropy = unigram_entropy(shards, "val", [domain])
+        lines.append(f"{domain:<8} {loss:>9.3f} {entropy:>16.3f}   {loss - entropy:+.2f}")
+    share = {d: shards.num_tokens("val", d) / shards.num_tokens("val") for d in val}
+    overall = sum(share[d] * loss for d, loss in val.items())
+    entropy = unigram_entropy(shards, "val")
+    lines.append(f"{'all':<8} {overall:>9.3f} {entropy:>16.3f}   {overall - entropy:+.2f}   "
+                 "(domains weighted by their share of the validation text)")
+    return lines
+
+
+def arithmetic_accuracy(engine, tokenizer, n: int = MATH_PROBLEMS,
+                        kinds: tuple[str, ...] = MATH_KINDS) -> dict[str, float]:
+    """Greedy exact-answer accuracy per problem kind on `n` held-out difficulty-1 problems.
+
+    The prompt is the pretraining format (`Question: ...\\nSolution:\\n`, a base model has no
+    chat turns); the answer is read and checked as GRPO's verifier does (`math_reward`).
+    """
+    from dsmoe.data import mathgen
+    from dsmoe.infer.requests import tokenize_prompt
+    from dsmoe.infer.sampling import SamplingParams
+    from dsmoe.train.math_eval import held_out_problems
+    from dsmoe.train.rewards import math_reward
+    accuracy = {}
+    for kind in kinds:
+        problems = held_out_problems(n, difficulty=1, kinds=(kind,))
+        requests = engine.generate([tokenize_prompt(tokenizer, mathgen.as_prompt(p)) for p in problems],
+                                   SamplingParams(max_tokens=MATH_MAX_TOKENS))
+        accuracy[kind] = sum(math_reward(r.text, p.answer) > 0
+                             for r, p in zip(requests, problems)) / len(problems)
+    return accuracy
+
+
+def prompt_outputs(engine, tokenizer, max_tokens: int, **sampling) -> list[str]:
+    """One continuation per domain prompt, in PROMPTS order."""
+    from dsmoe.infer.requests import tokenize_prompt
+    from dsmoe.infer.sampling import SamplingParams
+    requests = engine.generate([tokenize_prompt(tokenizer, p) for p in PROMPTS.values()],
+                               SamplingParams(max_tokens=max_tokens, **sampling))
+    return [r.text for r in requests]
 
 
 def expert_load_table(model, shards, seq_len: int, n_tokens: int = 4096) -> list[str]:
@@ -92,69 +183,91 @@ def expert_load_table(model, shards, seq_len: int, n_tokens: int = 4096) -> list
     return lines
 
 
-def samples(hf_dir: Path, max_tokens: int = 40) -> list[str]:
-    """A sampled continuation of one prompt per domain, from the exported model (seeded:
-    the same model gives the same text; greedy decoding of so young a model mostly
-    repeats its most frequent token)."""
-    from dsmoe.infer.generate import load_engine
-    from dsmoe.infer.requests import tokenize_prompt
-    from dsmoe.infer.sampling import SamplingParams
-    engine, tokenizer = load_engine(hf_dir)
-    prompts = list(PROMPTS.values())
-    requests = engine.generate([tokenize_prompt(tokenizer, p) for p in prompts],
-                               SamplingParams(max_tokens=max_tokens, temperature=0.7, top_k=50,
-                                              seed=0))
-    return [f"[{domain}] {prompt!r} -> {request.text!r}"
-            for (domain, prompt), request in zip(PROMPTS.items(), requests)]
+def moe_layer_names(args: ModelArgs) -> list[str]:
+    """Labels of the MoE layers in routing order (`Transformer.moe_layers`)."""
+    return ([f"layer {i}" for i in range(args.n_dense_layers, args.n_layers)]
+            + [f"MTP {k + 1}" for k in range(args.n_mtp_layers)])
+
+
+def explore_command(model_dir: Path, data_dir: Path, run_dir: Path) -> str:
+    return f"dsmoe explore --model {model_dir} --data {data_dir} --run {run_dir}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", type=float, default=BUDGET_S,
-                        help=f"seconds of training (default {BUDGET_S:.0f})")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"training steps (default {STEPS}: about four minutes on two quiet cores)")
 
 
 def run(args: argparse.Namespace) -> int:
+    return demo(steps=args.steps)
+
+
+def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
+         max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN, math_chars: int = MATH_CHARS,
+         math_problems: int = MATH_PROBLEMS) -> int:
+    """The whole demo; the keyword arguments exist so a test can run it small."""
+    from dsmoe.analysis.plots import plot_training
     from dsmoe.data.prepare import prepare
     from dsmoe.data.shards import TokenShards, unigram_entropy
-    from dsmoe.interop.hf import load_hf
-    from dsmoe.train.pretrain import RUN_FILE, train
+    from dsmoe.infer.engine import Engine
+    from dsmoe.interop.hf import load_model_dir
+    from dsmoe.train.pretrain import RUN_FILE, read_metrics, train
 
     began = time.perf_counter()
-    print(f"== 1. data: the embedded corpus, tokenised into {DATA_DIR}")
-    prepare(DATA_DIR)
-    shards = TokenShards(DATA_DIR)
-    model_args = ModelArgs.from_preset(PRESET)
+    data_dir, run_dir = Path(out) / DATA_NAME, Path(out) / RUN_NAME
+    model_args = ModelArgs.from_preset(preset)
+    print(f"== 1. data: the embedded corpus (math at difficulty 1), tokenised into {data_dir}")
+    corpus = write_corpus(Path(out) / CORPUS_NAME, max_chars_per_domain, math_chars)
+    prepare(data_dir, [corpus], vocab_size=model_args.vocab_size)
+    shards = TokenShards(data_dir)
 
-    print(f"\n== 2. pretraining the `{PRESET}` preset")
-    steps, threads, per_step = fit_steps(model_args, shards, args.budget)
-    cfg = demo_config(steps, threads, args.budget)
-    print(f"{per_step:.2f} s per step here on {threads} thread(s): {steps} steps of "
-          f"{cfg.tokens_per_step} tokens fit a {args.budget:.0f} s budget")
-    if (RUN_DIR / RUN_FILE).exists():  # the previous demo's run: the demo starts afresh
-        shutil.rmtree(RUN_DIR)
-    result = train(model_args, cfg, DATA_DIR, RUN_DIR)
+    print(f"\n== 2. pretraining the `{preset}` preset")
+    threads, per_step = pick_threads(model_args, shards)
+    cfg = demo_config(steps, threads)
+    print(f"{steps} steps of {cfg.tokens_per_step} tokens; {per_step:.2f} s per step here on "
+          f"{threads} thread(s), so about {steps * per_step * 1.05 / 60:.0f} min of training")
+    if (run_dir / RUN_FILE).exists():  # the previous demo's run: the demo starts afresh
+        shutil.rmtree(run_dir)
+    trained = time.perf_counter()
+    result = train(model_args, cfg, data_dir, run_dir)
+    trained = time.perf_counter() - trained
 
     print(f"\n== 3. what it learned ({result.step} steps, "
-          f"{result.step * cfg.tokens_per_step:,} training tokens)")
-    print(f"{'domain':<8} {'val loss':>9} {'unigram entropy':>16}   (nats/token)")
-    for domain, loss in result.val.items():
-        entropy = unigram_entropy(shards, "val", [domain])
-        print(f"{domain:<8} {loss:>9.3f} {entropy:>16.3f}   {loss - entropy:+.2f}")
-    share = {d: shards.num_tokens("val", d) / shards.num_tokens("val") for d in result.val}
-    overall = sum(share[d] * loss for d, loss in result.val.items())
-    entropy = unigram_entropy(shards, "val")
-    print(f"{'all':<8} {overall:>9.3f} {entropy:>16.3f}   {overall - entropy:+.2f}   (domains "
-          f"weighted by their share of the validation text)")
+          f"{result.step * cfg.tokens_per_step:,} training tokens, {trained:.0f} s)")
+    for line in loss_table(result.val, shards):
+        print(line)
 
-    print("\nSamples (temperature 0.7, top-k 50, seeded):")
-    for line in samples(result.hf_dir):
-        print("  " + line)
+    model, tokenizer = load_model_dir(result.hf_dir)
+    with torch.inference_mode():
+        plain = Engine(model, tokenizer, max_batch=math_problems)
+        texts = prompt_outputs(plain, tokenizer, 40, temperature=SAMPLE_TEMPERATURE, top_k=50, seed=0)
+        print(f"\nSamples (temperature {SAMPLE_TEMPERATURE}, top-k 50, seeded):")
+        for (domain, prompt), text in zip(PROMPTS.items(), texts):
+            print(f"  [{domain}] {prompt!r} -> {text!r}")
+
+        # Greedy speculative decoding gives exactly plain greedy's text (tests/infer), so one
+        # pass measures both the answers and how often the MTP module's drafts are accepted.
+        spec = Engine(model, tokenizer, max_batch=math_problems, speculative=True)
+        accuracy = arithmetic_accuracy(spec, tokenizer, math_problems)
+        math_drafts = (spec.stats.accepted, spec.stats.drafted)
+        prompt_outputs(spec, tokenizer, 48, ignore_eos=True)
+    print(f"\nHeld-out arithmetic, difficulty 1, {math_problems} problems per kind, greedy "
+          "exact answer:")
+    print("  " + ", ".join(f"{kind} {acc:.0%}" for kind, acc in accuracy.items()))
+    text_drafts = (spec.stats.accepted - math_drafts[0], spec.stats.drafted - math_drafts[1])
+    print("\nSpeculative decoding with the MTP module (greedy): drafts accepted "
+          f"{spec.stats.acceptance:.0%} ({spec.stats.accepted}/{spec.stats.drafted}); "
+          f"math answers {math_drafts[0] / max(1, math_drafts[1]):.0%}, "
+          f"domain prompts {text_drafts[0] / max(1, text_drafts[1]):.0%}")
 
     print("\nExpert load per MoE layer on validation text (aux-loss-free balancing):")
-    model = load_hf(result.hf_dir)
     for line in expert_load_table(model, shards, cfg.seq_len):
         print("  " + line)
-    print(f"\nDone in {time.perf_counter() - began:.0f} s. Model: {result.hf_dir} "
-          f"(try `dsmoe generate --model {result.hf_dir} --prompt 'The'`); "
-          f"metrics: {RUN_DIR / 'metrics.jsonl'}")
+    plot = run_dir / PLOT_NAME
+    plot_training(read_metrics(run_dir), plot,
+                  entropy={d: unigram_entropy(shards, "val", [d]) for d in shards.domains},
+                  layer_names=moe_layer_names(model_args))
+    print(f"\nLoss and MaxVio over training: {plot}")
+    print(f"Done in {time.perf_counter() - began:.0f} s. Model: {result.hf_dir}; metrics: "
+          f"{run_dir / 'metrics.jsonl'}. See inside it:\n  {explore_command(result.hf_dir, data_dir, run_dir)}")
     return 0

@@ -130,3 +130,61 @@ def plot_layer_scores(layers: list[int], maxvio_L: list[float], mi_L: list[float
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` values: per-step losses are noisy at small batch."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training(records: list[dict], path: str | Path, entropy: dict[str, float] | None = None,
+                  layer_names: list[str] | None = None, smooth: int = 20) -> None:
+    """Loss and MaxVio over a run, from its metrics.jsonl records (`read_metrics`).
+
+    Left: the training loss (main and MTP, trailing mean over `smooth` steps) and each
+    domain's validation loss at every evaluation, with that domain's unigram entropy as a
+    dotted line when `entropy` gives it (below it, the model uses context). Right: MaxVio
+    of every MoE layer (same smoothing; `layer_names` labels them in routing order), the
+    load-balance measure the gate biases drive down.
+    """
+    plt = _pyplot()
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val" in r]
+    if not steps:
+        raise ValueError("no training-step records to plot (metrics.jsonl is empty?)")
+    x = [r["step"] for r in steps]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.plot(x, _moving_average([r["loss"] for r in steps], smooth), color="black", label="train (main)")
+    if any(r.get("mtp_loss") for r in steps):
+        left.plot(x, _moving_average([r["mtp_loss"] for r in steps], smooth), color="gray",
+                  linestyle="--", label="train (MTP, next-but-one)")
+    domains = list(evals[-1]["val"]) if evals else []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, domain in enumerate(domains):
+        colour = colours[i % len(colours)]
+        points = [(r["step"], r["val"][domain]) for r in evals if domain in r["val"]]
+        left.plot(*zip(*points), marker="o", color=colour, label=f"val {domain}")
+        if entropy and domain in entropy:
+            left.axhline(entropy[domain], color=colour, linestyle=":", linewidth=1)
+    left.set_title("Loss (dotted: each domain's unigram entropy)")
+    left.set_xlabel("step")
+    left.set_ylabel("nats / token")
+    left.legend(fontsize=7, ncol=2)
+    n_layers = max(len(r.get("maxvio") or []) for r in steps)
+    for layer in range(n_layers):
+        values = [r["maxvio"][layer] for r in steps if len(r.get("maxvio") or []) > layer]
+        right.plot(x[-len(values):], _moving_average(values, smooth),
+                   label=layer_names[layer] if layer_names and layer < len(layer_names)
+                   else f"MoE layer #{layer}")
+    right.set_title("MaxVio per MoE layer (0 = perfectly even load)")
+    right.set_xlabel("step")
+    right.set_ylabel("(max load - mean) / mean")
+    if n_layers:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
