@@ -46,9 +46,10 @@ UNSUPPORTED = (("n", (1,)), ("best_of", (1,)), ("echo", (False,)), ("logprobs", 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error"):
+                 code: str | None = None, type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}  # e.g. Retry-After with a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -177,7 +178,9 @@ class OpenAIParser:
                                       "must be a number between 0 and 2", default=1.0))
         top_p = float(get_field(body, "top_p", lambda v: is_number(v) and 0 < v <= 1,
                                 "must be a number in (0, 1]", default=1.0))
-        if temperature < MIN_TEMPERATURE or top_p < MIN_TOP_P:  # as good as greedy, and safe
+        if temperature < MIN_TEMPERATURE:  # as good as greedy, and safe
+            temperature = 0.0
+        if top_p < MIN_TOP_P:  # only the most likely token is left: greedy
             temperature, top_p = 0.0, 1.0
         params = SamplingParams(
             max_tokens=max_tokens,
