@@ -43,7 +43,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -52,9 +52,11 @@ from dsmoe.errors import DsmoeError
 from dsmoe.infer.cache import LatentCache
 from dsmoe.infer.decoding import PlainDecoding
 from dsmoe.infer.forward import prefill
+from dsmoe.infer.isolation import StepState, first_failing_prefix
 from dsmoe.infer.requests import Event, Request, check_prompt, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
 from dsmoe.infer.speculative import MTPSpeculation
+from dsmoe.infer.staging import StagedPrompt
 
 log = logging.getLogger("dsmoe.infer.engine")
 
@@ -115,10 +117,7 @@ class Engine:
         self._ids = itertools.count()
         self._sampling: SamplingBatch | None = None  # rebuilt when the batch changes
         self.chunked_prefill = chunked_prefill
-        # the long prompt being prefilled a chunk per step, in its own one-row cache
-        self.staged: Staged | None = None
-        self.staging = LatentCache(args, 0, self.max_len, n_layers=args.n_layers, device=self.device,
-                                   dtype=self.dtype, max_rows=1)
+        self.staged: StagedPrompt | None = None  # the long prompt being prefilled a chunk per step
 
     @property
     def speculative(self) -> bool:
@@ -208,7 +207,7 @@ class Engine:
             self.waiting.clear()
         if self.staged is not None:
             pending.append(self.staged.request)
-            self._end_staging()
+            self.staged = None
         for r in pending:
             if not r.finished:
                 events.append(r.finish("error", message))
@@ -238,7 +237,7 @@ class Engine:
             events.append(r.finish("abort"))
         if self.staged is not None and self.staged.request.id in aborted:
             events.append(self.staged.request.finish("abort"))
-            self._end_staging()
+            self.staged = None
 
     def _admit(self, events: list[Event]) -> None:
         joining, long = self._take_waiting()
@@ -284,8 +283,6 @@ class Engine:
                     kept.append(r)
                     break  # short prompts keep their order
             self.waiting.extendleft(reversed(kept))
-            if long is not None:
-                self.staged = Staged(long)  # counted by load() from now on
         return joining, long
 
     def _join(self, joining: list[Request], events: list[Event]) -> None:
@@ -338,37 +335,29 @@ class Engine:
 
     # ------------------------------------------------------- chunked prefill of a long prompt
     def _start_staging(self, r: Request, events: list[Event]) -> None:
-        """`self.staged` holds r already (set under the lock); give it the staging row."""
         try:
-            self.staging.acquire(1)
+            self.staged = StagedPrompt(r, self.model, self.max_len, self.decoder.keeps_hidden)
         except Exception as err:  # the cache cannot grow: this request alone fails
-            self.staged = None
             self._fail(r, err, events)
 
     def _prefill_staged(self, events: list[Event]) -> None:
-        """One chunk of the staged prompt; when it is the last, the request joins the batch."""
+        """One chunk of the staged prompt; after the last, the request joins the batch."""
         st = self.staged
         if st is None:
             return
-        r = st.request
         try:
-            begin = time.perf_counter()
-            stop = min(st.done + self.prefill_chunk, len(r.prompt_ids))
-            tokens_1T = torch.tensor([r.prompt_ids[st.done:stop]], device=self.device)
-            h_1TD = prefill_part(self.model, tokens_1T, self.staging.rows(0, 1))
-            if self.decoder.keeps_hidden:
-                st.hidden.append(h_1TD)
-            st.done = stop
-            self.stats.prefill_tokens += tokens_1T.shape[1]
+            begin, before = time.perf_counter(), st.done
+            last_1D = st.advance(self.prefill_chunk)
+            self.stats.prefill_tokens += st.done - before
             self.stats.prefill_seconds += time.perf_counter() - begin
-            if stop == len(r.prompt_ids):
-                self._join_staged(st, h_1TD[:, -1], events)
+            if last_1D is not None:
+                self._join_staged(st, last_1D, events)
         except Exception as err:
-            self._end_staging()
-            self._fail(r, err, events)
+            self.staged = None
+            self._fail(st.request, err, events)
 
-    def _join_staged(self, st: "Staged", last_1D: torch.Tensor, events: list[Event]) -> None:
-        r, n = st.request, len(st.request.prompt_ids)
+    def _join_staged(self, st: StagedPrompt, last_1D: torch.Tensor, events: list[Event]) -> None:
+        r = st.request
         first = next_tokens(self.model.logits(last_1D), sampling_batch([r], self.device))
         rows = self.cache.acquire(1)
         try:
@@ -376,23 +365,17 @@ class Engine:
         except Exception:
             self.cache.release(rows.start)
             raise
-        copy_row(self.staging, 0, self.cache, rows.start, n)
+        st.move_into(self.cache, rows.start)
         self.running.append(r)
         self._sampling = None
         try:
-            hidden = torch.cat(st.hidden, dim=1) if st.hidden else None
-            self.decoder.prefilled(self.model, [r], rows, hidden, first, self.prefill_chunk)
+            self.decoder.prefilled(self.model, [r], rows, st.hidden(), first, self.prefill_chunk)
         except Exception:
             self._drop_last(1)
             raise
-        self._end_staging()
+        self.staged = None
         r.first_token_at = time.perf_counter()
         self._append(r, first.tolist(), events)
-
-    def _end_staging(self) -> None:
-        if self.staged is not None and self.staging.n_used:
-            self.staging.release(0)
-        self.staged = None
 
     # ------------------------------------------------------------------ isolation
     def _append(self, r: Request, tokens: list[int], events: list[Event]) -> None:
@@ -420,71 +403,20 @@ class Engine:
     def _decode_isolated(self, events: list[Event]):
         """A decode step over every running request; when it raises, fail only the requests
         at fault (see the module note) and return the others' step (None if none is left)."""
-        snap = self._snapshot()
+        state = StepState(self.cache, self.decoder, self.running)
         try:
             return self._decode_rows(len(self.running))
         except Exception as err:
             log.warning("a decode step over %d requests failed (%s: %s); isolating", len(self.running),
                         type(err).__name__, err)
         while self.running:
-            self._restore(snap)
+            state.restore()
             try:
                 return self._decode_rows(len(self.running))  # a passing fault, or the culprit is gone
             except Exception as err:
-                cause = err
-            self._restore(snap)
-            good, bad = 0, len(self.running)  # prefix `good` decodes, prefix `bad` does not
-            while bad - good > 1:
-                mid = (good + bad) // 2
-                try:
-                    self._decode_rows(mid)
-                    good = mid
-                except Exception as err:
-                    bad, cause = mid, err
-                self._restore(snap)
-            self._fail(self.running[bad - 1], cause, events)
+                state.restore()
+                row, cause = first_failing_prefix(len(self.running), self._decode_rows, state.restore, err)
+            self._fail(self.running[row], cause, events)
             self._release_finished()
-            snap = self._snapshot()
+            state = StepState(self.cache, self.decoder, self.running)
         return None
-
-    def _snapshot(self) -> dict:
-        """What a failed or trial decode step may change: cache lengths (the rows' contents past
-        them are rewritten anyway), the strategy's caches and tables, every request's generator."""
-        return {"lengths": self.cache.lengths.clone(),
-                "decoder": {k: (v.lengths.clone() if isinstance(v, LatentCache) else dict(v))
-                            for k, v in vars(self.decoder).items() if isinstance(v, (LatentCache, dict))},
-                "generators": [(r.generator, r.generator.get_state()) for r in self.running]}
-
-    def _restore(self, snap: dict) -> None:
-        self.cache.lengths.copy_(snap["lengths"])
-        for k, saved in snap["decoder"].items():
-            value = getattr(self.decoder, k)
-            if isinstance(value, LatentCache):
-                value.lengths.copy_(saved)
-            else:
-                value.clear()
-                value.update(saved)
-        for g, state in snap["generators"]:
-            g.set_state(state)
-
-
-@dataclass
-class Staged:
-    """A long prompt being prefilled a chunk per step."""
-    request: Request
-    done: int = 0  # prompt positions in the staging row
-    hidden: list = field(default_factory=list)  # each chunk's hidden states, when the strategy keeps them
-
-
-def prefill_part(model, tokens_1T: torch.Tensor, view) -> torch.Tensor:
-    """The next positions of a prompt whose start is already in `view` (one row): hidden states
-    (1, T, D), naive attention, as `forward.prefill` runs each chunk."""
-    h_1TD, _ = model.hidden(tokens_1T, view, attn_impl="naive")
-    return h_1TD
-
-
-def copy_row(src: LatentCache, src_row: int, dst: LatentCache, dst_row: int, n: int) -> None:
-    """Move the first n positions of a row from one cache to another (every layer)."""
-    dst.latent[:, dst_row, :n] = src.latent[:, src_row, :n]
-    dst.k_pe[:, dst_row, :n] = src.k_pe[:, src_row, :n]
-    dst.lengths[dst_row] = n

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dsmoe.infer.engine as engine_module
+import dsmoe.infer.staging as staging_module
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.infer.speculative import MTPSpeculation
@@ -93,7 +94,7 @@ def test_a_passing_fault_fails_nobody(tiny_args, build):
     assert all(r.finish_reason != "error" for r in reqs)
 
 
-def test_a_request_whose_admission_fails_finishes_with_an_error(tiny_args, build):
+def test_a_request_whose_admission_fails_finishes_with_an_error(tiny_args, build, monkeypatch):
     model = build(tiny_args)
     prompts = prompts_of([5, 9, 3], tiny_args.vocab_size, seed=2)
     params = [SamplingParams(max_tokens=10)] * 3
@@ -115,7 +116,7 @@ def test_a_request_whose_admission_fails_finishes_with_an_error(tiny_args, build
         engine.step()
     assert [r.output_ids for r in first] == [r.output_ids for r in clean[:2]]
     # a long prompt whose staging row cannot be had fails the same way
-    engine.staging.acquire = full
+    monkeypatch.setattr(engine_module, "StagedPrompt", lambda *a: full())
     staged = engine.add_request(prompts_of([40], tiny_args.vocab_size)[0], SamplingParams(max_tokens=4))
     engine.prefill_chunk = 16
     engine.step()
@@ -190,7 +191,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_args, build, specu
         engine.step()
     for got, want in zip(running + [staged], ref_reqs):
         assert got.output_ids == want.output_ids
-    assert engine.staging.n_used == 0 and engine.cache.n_used == 0
+    assert engine.staged is None and engine.cache.n_used == 0
 
 
 def test_a_staged_prompt_can_be_aborted_or_fail_alone(tiny_args, build, monkeypatch):
@@ -202,8 +203,8 @@ def test_a_staged_prompt_can_be_aborted_or_fail_alone(tiny_args, build, monkeypa
     assert engine.staged.request is gone
     engine.abort(gone.id)
     engine.step()
-    assert gone.finish_reason == "abort" and engine.staged is None and engine.staging.n_used == 0
-    monkeypatch.setattr(engine_module, "prefill_part", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert gone.finish_reason == "abort" and engine.staged is None
+    monkeypatch.setattr(staging_module, "prefill_part", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     bad = engine.add_request(list(range(1, 40)), SamplingParams(max_tokens=4))
     engine.step()
     assert bad.finish_reason == "error" and engine.staged is None
