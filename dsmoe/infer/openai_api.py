@@ -77,6 +77,16 @@ def preview(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def check_text(text: str, param: str) -> str:
+    """Text a tokenizer can take: JSON may carry a lone surrogate ("\\ud800"), which no UTF-8 has."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode (it holds a lone surrogate such as \\ud800)",
+                       param=param) from None
+    return text
+
+
 def get_field(body: dict, name: str, check, rule: str, default=None):
     """body[name] if present and not null, after `check`; a 400 naming the field otherwise."""
     value = body.get(name)
@@ -214,7 +224,8 @@ class OpenAIParser:
         if len(prompts) > self.max_prompts:
             raise APIError(400, f"'prompt': at most {self.max_prompts} prompts per request; got {len(prompts)}",
                            param="prompt")
-        ids = [tokenize_prompt(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [tokenize_prompt(self.tokenizer, check_text(p, "prompt")) if isinstance(p, str) else list(p)
+               for p in prompts]
         for p in ids:
             if not p:
                 raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
@@ -238,7 +249,7 @@ class OpenAIParser:
             if not isinstance(content, str):
                 raise APIError(400, f"'messages[{i}].content' must be a string or a list of text parts",
                                param=f"messages[{i}].content")
-            rendered.append({"role": CHAT_ROLES[m["role"]], "content": content})
+            rendered.append({"role": CHAT_ROLES[m["role"]], "content": check_text(content, f"messages[{i}].content")})
         try:
             text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
         except DsmoeError as err:

@@ -207,7 +207,8 @@ def add_error_handlers(app) -> None:
 def health_body(engine: Engine, model_name: str) -> dict:
     s = engine.stats
     return {"status": "ok", "model": model_name, "running": len(engine.running),
-            "waiting": len(engine.waiting), "cache_bytes": engine.cache.nbytes(),
+            "waiting": len(engine.waiting), "prefilling": int(engine.staged is not None),
+            "cache_bytes": engine.cache.nbytes(),
             "decode_tokens_per_s": _finite(s.decode_tokens_per_second),
             "draft_acceptance": _finite(s.acceptance) if engine.speculative else None}
 

@@ -7,6 +7,7 @@ import torch
 
 import dsmoe.infer.engine as engine_module
 import dsmoe.infer.staging as staging_module
+from dsmoe.errors import DsmoeError
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.infer.speculative import MTPSpeculation
@@ -212,3 +213,15 @@ def test_a_staged_prompt_can_be_aborted_or_fail_alone(tiny_args, build, monkeypa
         engine.step()
     alone = Engine(model).generate([[1, 2, 3]], SamplingParams(max_tokens=12))[0]
     assert keep.output_ids == alone.output_ids
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e-40), ("temperature", float("inf")),
+                                          ("temperature", float("nan")), ("top_p", 1e-50), ("top_p", 0.0),
+                                          ("top_k", 2 ** 63), ("seed", 2 ** 70), ("seed", -(2 ** 63) - 1)])
+def test_the_engine_refuses_values_sampling_cannot_use(tiny_args, build, field, value):
+    engine = Engine(build(tiny_args))
+    with pytest.raises(DsmoeError, match=field):
+        engine.add_request([1, 2], SamplingParams(max_tokens=4, **{"temperature": 1.0, field: value}))
+    assert not engine.has_work()
+    ok = SamplingParams(max_tokens=4, temperature=1e-3, top_p=1e-6, seed=2 ** 64 - 1, top_k=2 ** 62)
+    assert len(engine.generate([[1, 2]], ok)[0].output_ids) == 4  # the edges of each range still run
