@@ -221,3 +221,31 @@ def test_serve_reads_the_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("DSMOE_API_KEY", "from-env")
     assert cli_main(["serve", "--model", "/some/dir", "--port", "0", "--max-queue", "5"]) == 0
     assert seen["app"].state.parser.api_key == "from-env" and seen["app"].state.worker.max_queue == 5
+
+
+def test_a_chunked_body_past_the_limit_and_a_slow_template_block_nobody():
+    engine, app = make_app()
+    tokenizer = app.state.parser.tokenizer
+    render = tokenizer.apply_chat_template
+
+    def slow_render(*args, **kwargs):
+        time.sleep(1.5)
+        return render(*args, **kwargs)
+
+    tokenizer.apply_chat_template = slow_render
+    with running_server(app) as url:
+        auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        # no Content-Length: the body is counted as it arrives
+        r = httpx.post(url + "/v1/completions", content=iter([b'{"prompt": "', b"x" * 3000, b"y" * 3000, b'"}']),
+                       headers=auth)
+        assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        chat = threading.Thread(target=lambda: client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2))
+        chat.start()
+        time.sleep(0.3)  # the template is rendering now
+        started = time.monotonic()
+        assert httpx.get(url + "/health").status_code == 200
+        assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        assert time.monotonic() - started < 1.0  # served while the template was still rendering
+        chat.join()
