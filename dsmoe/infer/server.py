@@ -34,9 +34,9 @@ import threading
 import time
 import uuid
 
+from dsmoe.errors import DsmoeError
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.generate import load_engine
-from dsmoe.errors import DsmoeError
 from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, decode_body, finish_reason, sse
 from dsmoe.infer.requests import Event, Request
 from dsmoe.infer.sampling import SamplingParams
@@ -242,7 +242,7 @@ async def complete(request, parser: OpenAIParser, worker: "EngineWorker", chat: 
     await wait_for_all(reqs, queue, request, worker)
     failed = [r for r in reqs if r.finish_reason == "error"]
     if failed:
-        raise APIError(500, failed[0].error or "internal error", type_="server_error")
+        raise APIError(500, error_message(failed[0]), type_="server_error")
     return reply.full()
 
 
@@ -297,7 +297,7 @@ async def stream_events(reply: Reply, queue: asyncio.Queue, include_usage: bool,
             ev = await queue.get()
             i = index[ev.request.id]
             if ev.finished and ev.request.finish_reason == "error":
-                yield sse(APIError(500, ev.request.error or "internal error", type_="server_error").body())
+                yield sse(APIError(500, error_message(ev.request), type_="server_error").body())
                 return
             if ev.text:
                 yield reply.chunk(i, ev.text, None)
@@ -311,6 +311,12 @@ async def stream_events(reply: Reply, queue: asyncio.Queue, include_usage: bool,
         for r in reply.reqs:
             if not r.finished:
                 worker.abort(r.id)
+
+
+def error_message(r: Request) -> str:
+    """What a client is told about its failed request: generic, with the id to find it in the log."""
+    message = r.error or "the server failed while running this request"
+    return message if r.id in message else f"{message} (request {r.id})"
 
 
 def _finite(x: float) -> float | None:
@@ -356,7 +362,9 @@ def run(args) -> int:
     print(f"serving {name!r} on http://{args.host}:{sock.getsockname()[1]}/v1 (max batch {engine.max_batch}, "
           f"context {engine.max_len}{', speculative' if engine.speculative else ''}"
           f"{', API key required' if api_key else ''})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # our log too
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_level="info")).run(
+        sockets=[sock])
     return 0
 
 

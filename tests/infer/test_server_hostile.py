@@ -186,9 +186,10 @@ def test_a_dead_engine_answers_503_at_once_and_nothing_hangs():
                                            extra_body={"ignore_eos": True})
         next(iter(stream))
         crash.set()
-        with pytest.raises(openai.APIError):  # the request it held ends with an error, not a hang
+        with pytest.raises(openai.APIError) as held:  # the request it held ends with an error, not a hang
             for _ in stream:
                 pass
+        assert "engine stopped" in str(held.value) and "req-" in str(held.value)
         health = httpx.get(url + "/health")
         assert health.status_code == 503 and "stopped" in health.json()["error"]
         started = time.monotonic()
