@@ -5,10 +5,9 @@ batching). Each `step()`:
 1. admits waiting requests into free cache rows and prefills them (`forward.prefill`:
    chunked, naive attention); the first token is sampled from the prefill logits. Short
    prompts join together, up to `prefill_chunk` prompt tokens a step; a prompt longer than
-   `prefill_chunk` is staged instead: one chunk of it is prefilled per step, into a staging
-   row, between the decode steps of the running batch (so running streams keep flowing), and
-   it joins the batch when its last chunk is done (`chunked_prefill=False`: whole prompts at
-   admission, as one pass);
+   `prefill_chunk` is staged instead (`staging.py`): one chunk of it per step, between the
+   running batch's decode steps, so running streams keep flowing; it joins the batch after
+   its last chunk (`chunked_prefill=False`: whole prompts at admission, in one step);
 2. hands the running requests to its decoding strategy (`decoding.PlainDecoding`: one
    token each with absorbed attention over the latent cache; `speculative.MTPSpeculation`:
    MTP drafts verified in one pass), which returns their new tokens;
@@ -26,14 +25,13 @@ Notable:
   layer (`dsmoe/infer/cache.py`).
 - Thread-safe where it must be: `add_request` and `abort` may be called from any thread
   (the server's handlers); `step` runs on one thread.
-- One request cannot fail the others. When a decode step raises, the engine restores the
-  state before it (cache lengths, the strategy's cache lengths and tables, every generator),
-  retries the whole batch once (a passing fault), then bisects on batch prefixes to find the
-  first row whose inclusion fails, fails that request alone and decodes the rest: their
-  output is what it would have been. A joining group whose prefill fails is prefilled again
-  one request at a time; a request whose admission fails (the cache cannot grow, out of
-  memory) finishes with an error. The cause goes to the log (`dsmoe.infer.engine`); the
-  request's `error` is a generic message with its id.
+- One request cannot fail the others. When a decode step raises, the engine puts back the
+  state before it, retries once (a passing fault), then finds the first row whose inclusion
+  fails (`isolation.py`), fails that request alone and decodes the rest: their output is what
+  it would have been. A joining group whose prefill fails is prefilled again one by one; a
+  request whose admission fails (the cache cannot grow, out of memory) finishes with an
+  error. The cause goes to the log (`dsmoe.infer.engine`); the request's `error` is a
+  generic message with its id.
 Not here: prefix caching, preemption, beam search, logprobs.
 """
 from __future__ import annotations
@@ -91,7 +89,8 @@ class Engine:
                  prefill_chunk: int = 256, decoder=None, speculative: bool = False, compile: bool = False,
                  chunked_prefill: bool = True):
         """`decoder`: a decoding strategy (`PlainDecoding(compile)` unless given);
-        `speculative=True` is `decoder=MTPSpeculation()`."""
+        `speculative=True` is `decoder=MTPSpeculation()`. `chunked_prefill`: prompts longer than
+        `prefill_chunk` are prefilled a chunk per step between decode steps (False: at once)."""
         args = model.args
         if max_batch < 1 or prefill_chunk < 1:
             raise DsmoeError("max_batch and prefill_chunk must be positive")
