@@ -225,7 +225,7 @@ def test_serve_reads_the_api_key_from_the_environment(monkeypatch):
 
 
 def test_a_chunked_body_past_the_limit_and_a_slow_template_block_nobody():
-    engine, app = make_app()
+    _, app = make_app()
     tokenizer = app.state.parser.tokenizer
     render = tokenizer.apply_chat_template
 
