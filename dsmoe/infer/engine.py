@@ -3,7 +3,11 @@
 Requests of any length join and leave a running batch between steps (continuous
 batching). Each `step()`:
 1. admits waiting requests into free cache rows and prefills them (`forward.prefill`:
-   chunked, naive attention); the first token is sampled from the prefill logits;
+   chunked, naive attention); the first token is sampled from the prefill logits. Short
+   prompts join together, up to `prefill_chunk` prompt tokens a step; a prompt longer than
+   `prefill_chunk` is staged instead (`staging.py`): one chunk of it per step, between the
+   running batch's decode steps, so running streams keep flowing; it joins the batch after
+   its last chunk (`chunked_prefill=False`: whole prompts at admission, in one step);
 2. hands the running requests to its decoding strategy (`decoding.PlainDecoding`: one
    token each with absorbed attention over the latent cache; `speculative.MTPSpeculation`:
    MTP drafts verified in one pass), which returns their new tokens;
@@ -21,11 +25,19 @@ Notable:
   layer (`dsmoe/infer/cache.py`).
 - Thread-safe where it must be: `add_request` and `abort` may be called from any thread
   (the server's handlers); `step` runs on one thread.
+- One request cannot fail the others. When a decode step raises, the engine puts back the
+  state before it, retries once (a passing fault), then finds the first row whose inclusion
+  fails (`isolation.py`), fails that request alone and decodes the rest: their output is what
+  it would have been. A joining group whose prefill fails is prefilled again one by one; a
+  request whose admission fails (the cache cannot grow, out of memory) finishes with an
+  error. The cause goes to the log (`dsmoe.infer.engine`); the request's `error` is a
+  generic message with its id.
 Not here: prefix caching, preemption, beam search, logprobs.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -38,9 +50,13 @@ from dsmoe.errors import DsmoeError
 from dsmoe.infer.cache import LatentCache
 from dsmoe.infer.decoding import PlainDecoding
 from dsmoe.infer.forward import prefill
+from dsmoe.infer.isolation import StepState, first_failing_prefix
 from dsmoe.infer.requests import Event, Request, check_prompt, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
 from dsmoe.infer.speculative import MTPSpeculation
+from dsmoe.infer.staging import StagedPrompt
+
+log = logging.getLogger("dsmoe.infer.engine")
 
 DEFAULT_MAX_LEN = 8192  # cache positions per request unless asked otherwise (V3's context is 160K)
 
@@ -70,9 +86,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_len: int | None = None,
-                 prefill_chunk: int = 256, decoder=None, speculative: bool = False, compile: bool = False):
+                 prefill_chunk: int = 256, decoder=None, speculative: bool = False, compile: bool = False,
+                 chunked_prefill: bool = True):
         """`decoder`: a decoding strategy (`PlainDecoding(compile)` unless given);
-        `speculative=True` is `decoder=MTPSpeculation()`."""
+        `speculative=True` is `decoder=MTPSpeculation()`. `chunked_prefill`: prompts longer than
+        `prefill_chunk` are prefilled a chunk per step between decode steps (False: at once)."""
         args = model.args
         if max_batch < 1 or prefill_chunk < 1:
             raise DsmoeError("max_batch and prefill_chunk must be positive")
@@ -97,6 +115,8 @@ class Engine:
         self._aborted: set[str] = set()
         self._ids = itertools.count()
         self._sampling: SamplingBatch | None = None  # rebuilt when the batch changes
+        self.chunked_prefill = chunked_prefill
+        self.staged: StagedPrompt | None = None  # the long prompt being prefilled a chunk per step
 
     @property
     def speculative(self) -> bool:
@@ -124,7 +144,12 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.running or self.waiting or self._aborted)
+            return bool(self.running or self.waiting or self._aborted or self.staged)
+
+    def load(self) -> int:
+        """Requests waiting, prefilling or running."""
+        with self._lock:
+            return len(self.running) + len(self.waiting) + (self.staged is not None)
 
     @torch.no_grad()
     def step(self) -> list[Event]:
@@ -132,23 +157,28 @@ class Engine:
         events: list[Event] = []
         self._apply_aborts(events)
         self._admit(events)
+        self._prefill_staged(events)
         self._release_finished()  # aborted, or done at their first token
         if self.running:
             start = time.perf_counter()
-            n = len(self.running)
-            decoded = self.decoder.decode(self.model, self.running, self.cache.rows(0, n), self.sampling_batch())
-            for r, tokens in zip(self.running, decoded.tokens):
-                ev = r.append(tokens)
-                events.append(ev)
-                self.stats.decode_tokens += len(ev.token_ids)
-            self.stats.drafted += decoded.drafted
-            self.stats.accepted += decoded.accepted
+            decoded = self._decode_isolated(events)
+            for r, tokens in zip(list(self.running), decoded.tokens if decoded else []):
+                self._append(r, tokens, events)
+                self.stats.decode_tokens += len(events[-1].token_ids)
+            if decoded:
+                self.stats.drafted += decoded.drafted
+                self.stats.accepted += decoded.accepted
             self.stats.decode_seconds += time.perf_counter() - start
             self.stats.decode_steps += 1
             self._release_finished()
         for ev in events:
             if ev.request.on_event is not None:
-                ev.request.on_event(ev)
+                try:
+                    ev.request.on_event(ev)
+                except Exception:  # the caller's callback: its request alone pays
+                    log.exception("the event callback of request %s failed", ev.request.id)
+                    if not ev.request.finished:
+                        self.abort(ev.request.id)
         return events
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
@@ -174,6 +204,9 @@ class Engine:
         with self._lock:
             pending = list(self.running) + list(self.waiting)
             self.waiting.clear()
+        if self.staged is not None:
+            pending.append(self.staged.request)
+            self.staged = None
         for r in pending:
             if not r.finished:
                 events.append(r.finish("error", message))
@@ -201,31 +234,92 @@ class Engine:
                 dropped = []
         for r in dropped + [r for r in self.running if r.id in aborted and not r.finished]:
             events.append(r.finish("abort"))
+        if self.staged is not None and self.staged.request.id in aborted:
+            events.append(self.staged.request.finish("abort"))
+            self.staged = None
 
     def _admit(self, events: list[Event]) -> None:
-        with self._lock:
-            free = self.max_batch - len(self.running)
-            joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        joining, long = self._take_waiting()
+        if long is not None:
+            self._start_staging(long, events)
         if not joining:
             return
         # Longest first: the requests still prefilling in any chunk are then a prefix of the rows.
         joining.sort(key=lambda r: -len(r.prompt_ids))
+        states = [r.generator.get_state() for r in joining]
+        try:
+            self._join(joining, events)
+        except Exception as err:  # prefill them one by one: only those that fail alone fail
+            if len(joining) == 1:
+                self._fail(joining[0], err, events)
+                return
+            log.warning("prefilling %d requests together failed (%s); trying each alone", len(joining), err)
+            for r, state in zip(joining, states):
+                r.generator.set_state(state)
+                try:
+                    self._join([r], events)
+                except Exception as err:
+                    self._fail(r, err, events)
+
+    def _take_waiting(self) -> tuple[list[Request], Request | None]:
+        """The waiting requests that join now (in order, within the step's prefill budget) and
+        the long prompt to stage, if the staging row is free."""
+        joining, long, kept, budget = [], None, [], 0
+        with self._lock:
+            free = self.max_batch - len(self.running) - (self.staged is not None)
+            while self.waiting and free > 0:
+                r = self.waiting.popleft()
+                n = len(r.prompt_ids)
+                if self.chunked_prefill and n > self.prefill_chunk:
+                    if long is None and self.staged is None:
+                        long, free = r, free - 1
+                    else:
+                        kept.append(r)
+                elif not self.chunked_prefill or not joining or budget + n <= self.prefill_chunk:
+                    joining.append(r)
+                    budget, free = budget + n, free - 1
+                else:
+                    kept.append(r)
+                    break  # short prompts keep their order
+            self.waiting.extendleft(reversed(kept))
+        return joining, long
+
+    def _join(self, joining: list[Request], events: list[Event]) -> None:
+        """Acquire rows for `joining`, prefill them, sample their first tokens; on any error,
+        leave the engine as it was and raise."""
         start = time.perf_counter()
         rows = self.cache.acquire(len(joining))
-        self.decoder.acquire(len(joining))
+        try:
+            self.decoder.acquire(len(joining))
+        except Exception:
+            for row in reversed(rows):
+                self.cache.release(row)
+            raise
         self.running.extend(joining)  # from here on, rows and requests match (fail_all frees both)
         self._sampling = None
-        logits_BV, hidden = prefill(self.model, [r.prompt_ids for r in joining], self.cache, rows,
-                                    self.prefill_chunk, keep_hidden=self.decoder.keeps_hidden)
-        first = next_tokens(logits_BV, sampling_batch(joining, self.device))
-        first_list = first.tolist()
-        self.decoder.prefilled(self.model, joining, rows, hidden, first, self.prefill_chunk)
+        try:
+            logits_BV, hidden = prefill(self.model, [r.prompt_ids for r in joining], self.cache, rows,
+                                        self.prefill_chunk, keep_hidden=self.decoder.keeps_hidden)
+            first = next_tokens(logits_BV, sampling_batch(joining, self.device))
+            first_list = first.tolist()
+            self.decoder.prefilled(self.model, joining, rows, hidden, first, self.prefill_chunk)
+        except Exception:
+            self._drop_last(len(joining))
+            raise
         self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in joining)
         self.stats.prefill_seconds += time.perf_counter() - start
         now = time.perf_counter()
         for r, tok in zip(joining, first_list):
             r.first_token_at = now
-            events.append(r.append([tok]))
+            self._append(r, [tok], events)
+
+    def _drop_last(self, n: int) -> None:
+        """Undo the joining of the last n running requests (their rows were the last ones)."""
+        for i in reversed(range(len(self.running) - n, len(self.running))):
+            self.decoder.release(i, self.running[i])
+            self.cache.release(i)
+            self.running.pop()
+        self._sampling = None
 
     def _release_finished(self) -> None:
         finished = [i for i, r in enumerate(self.running) if r.finished]
@@ -237,3 +331,91 @@ class Engine:
             self.running.pop()
         if finished:
             self._sampling = None
+
+    # ------------------------------------------------------- chunked prefill of a long prompt
+    def _start_staging(self, r: Request, events: list[Event]) -> None:
+        try:
+            self.staged = StagedPrompt(r, self.model, self.max_len, self.decoder.keeps_hidden)
+        except Exception as err:  # the cache cannot grow: this request alone fails
+            self._fail(r, err, events)
+
+    def _prefill_staged(self, events: list[Event]) -> None:
+        """One chunk of the staged prompt; after the last, the request joins the batch."""
+        st = self.staged
+        if st is None:
+            return
+        try:
+            begin, before = time.perf_counter(), st.done
+            last_1D = st.advance(self.prefill_chunk)
+            self.stats.prefill_tokens += st.done - before
+            self.stats.prefill_seconds += time.perf_counter() - begin
+            if last_1D is not None:
+                self._join_staged(st, last_1D, events)
+        except Exception as err:
+            self.staged = None
+            self._fail(st.request, err, events)
+
+    def _join_staged(self, st: StagedPrompt, last_1D: torch.Tensor, events: list[Event]) -> None:
+        r = st.request
+        first = next_tokens(self.model.logits(last_1D), sampling_batch([r], self.device))
+        rows = self.cache.acquire(1)
+        try:
+            self.decoder.acquire(1)
+        except Exception:
+            self.cache.release(rows.start)
+            raise
+        st.move_into(self.cache, rows.start)
+        self.running.append(r)
+        self._sampling = None
+        try:
+            self.decoder.prefilled(self.model, [r], rows, st.hidden(), first, self.prefill_chunk)
+        except Exception:
+            self._drop_last(1)
+            raise
+        self.staged = None
+        r.first_token_at = time.perf_counter()
+        self._append(r, first.tolist(), events)
+
+    # ------------------------------------------------------------------ isolation
+    def _append(self, r: Request, tokens: list[int], events: list[Event]) -> None:
+        """r.append, one event; a failure there (detokenising, say) fails r alone."""
+        try:
+            events.append(r.append(tokens))
+        except Exception as err:
+            self._fail(r, err, events)
+
+    def _fail(self, r: Request, err: BaseException, events: list[Event]) -> None:
+        """Finish r with a generic error; the cause goes to the log, not to the client."""
+        log.error("request %s failed: %s: %s", r.id, type(err).__name__, err, exc_info=err)
+        if isinstance(err, torch.OutOfMemoryError):
+            message = f"request {r.id} did not fit in the server's memory: retry later, or shorten it"
+        else:
+            message = f"the server failed while running request {r.id}; the cause is in the server log"
+        events.append(r.finish("error", message))
+
+    def _decode_rows(self, n: int):
+        """Decode the first n running requests (a prefix of the rows)."""
+        running = self.running[:n]
+        sampling = self.sampling_batch() if n == len(self.running) else sampling_batch(running, self.device)
+        return self.decoder.decode(self.model, running, self.cache.rows(0, n), sampling)
+
+    def _decode_isolated(self, events: list[Event]):
+        """A decode step over every running request; when it raises, fail only the requests
+        at fault (see the module note) and return the others' step (None if none is left)."""
+        state = StepState(self.cache, self.decoder, self.running)
+        try:
+            return self._decode_rows(len(self.running))
+        except Exception as err:
+            log.warning("a decode step over %d requests failed (%s: %s); isolating", len(self.running),
+                        type(err).__name__, err)
+        while self.running:
+            state.restore()
+            try:
+                return self._decode_rows(len(self.running))  # a passing fault, or the culprit is gone
+            except Exception as err:
+                state.restore()
+                row, cause = first_failing_prefix(len(self.running), self._decode_rows, state.restore, err)
+            self._fail(self.running[row], cause, events)
+            self._release_finished()
+            state = StepState(self.cache, self.decoder, self.running)
+        return None

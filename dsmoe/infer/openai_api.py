@@ -9,7 +9,15 @@ prompt longer than the context), 401 (wrong API key), 404 (unknown model). `Repl
 the response bodies and stream chunks for the engine requests of one HTTP request.
 
 Notable: bad input never reaches the engine: every check the engine would make
-(`requests.check_prompt`, `SamplingParams.validate`) runs here first, as a 400.
+(`requests.check_prompt`, `SamplingParams.validate`) runs here first, as a 400 naming the
+field. `decode_body` turns any undecodable body into a 400 too (broken JSON, NaN or
+Infinity, an integer of thousands of digits, nesting deeper than Python can parse).
+Limits (a 400 past them): `temperature` in [0, 2], `top_p` in (0, 1]; a temperature below
+`MIN_TEMPERATURE` or a top_p below `MIN_TOP_P` (1e-3, 1e-6: fp32 sampling breaks down there)
+is greedy decoding; `top_k` in [-1, vocabulary size]; `seed` in torch's range
+[-2**63, 2**64 - 1]; at most 4 stop strings of at most `MAX_STOP_LENGTH` characters; at most
+`max_prompts` prompts per request (16 unless the parser is given another); `max_tokens` within
+the context left after the prompt.
 Deliberately not here: n > 1, logprobs, echo, penalties, tools, multiple models; HTTP
 itself (`server.py`).
 """
@@ -24,9 +32,11 @@ from dataclasses import dataclass
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.generate import chat_stop_ids
 from dsmoe.infer.requests import Request, check_prompt, tokenize_prompt
-from dsmoe.infer.sampling import SamplingParams, is_int, is_number
+from dsmoe.infer.sampling import MIN_TEMPERATURE, MIN_TOP_P, SEED_RANGE, SamplingParams, is_int, is_number
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_LENGTH = 256  # characters per stop string (the text held back while one may complete)
+MAX_PROMPTS = 16  # prompts in one /v1/completions request, unless the parser is told otherwise
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Fields accepted only at their default value.
 UNSUPPORTED = (("n", (1,)), ("best_of", (1,)), ("echo", (False,)), ("logprobs", (False, 0)),
@@ -36,12 +46,45 @@ UNSUPPORTED = (("n", (1,)), ("best_of", (1,)), ("echo", (False,)), ("logprobs", 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error"):
+                 code: str | None = None, type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}  # e.g. Retry-After with a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def decode_body(raw: bytes):
+    """A request body as JSON, or a 400 saying why not (never another exception)."""
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw, parse_constant=no_constants)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN, ints past 4300 digits
+        raise APIError(400, f"the request body is not valid JSON: {str(err)[:200]}") from None
+
+
+def preview(value) -> str:
+    """A short rendering of a bad value for an error message (safe on any decoded JSON)."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_text(text: str, param: str) -> str:
+    """Text a tokenizer can take: JSON may carry a lone surrogate ("\\ud800"), which no UTF-8 has."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{param}' is not valid Unicode (it holds a lone surrogate such as \\ud800)",
+                       param=param) from None
+    return text
 
 
 def get_field(body: dict, name: str, check, rule: str, default=None):
@@ -50,7 +93,7 @@ def get_field(body: dict, name: str, check, rule: str, default=None):
     if value is None:
         return default
     if not check(value):
-        raise APIError(400, f"'{name}': {rule}; got {json.dumps(value)[:80]}", param=name)
+        raise APIError(400, f"'{name}': {rule}; got {preview(value)}", param=name)
     return value
 
 
@@ -58,7 +101,7 @@ def refuse_unsupported(body: dict) -> None:
     for name, allowed in UNSUPPORTED:
         value = body.get(name)
         if value is not None and value not in allowed:
-            raise APIError(400, f"'{name}'={json.dumps(value)[:80]} is not supported by this server", param=name)
+            raise APIError(400, f"'{name}'={preview(value)} is not supported by this server", param=name)
 
 
 @dataclass
@@ -72,20 +115,21 @@ class ParsedRequest:
 class OpenAIParser:
     """Request bodies to engine requests, for one model with a context of `max_len` tokens."""
 
-    def __init__(self, tokenizer, model_name: str, max_len: int, vocab_size: int, api_key: str | None = None):
+    def __init__(self, tokenizer, model_name: str, max_len: int, vocab_size: int, api_key: str | None = None,
+                 max_prompts: int = MAX_PROMPTS):
         if tokenizer is None:
             raise DsmoeError("serving needs a tokenizer: the model directory has no tokenizer.json "
                              "(save the model with its tokenizer)")
         self.tokenizer, self.model_name, self.api_key = tokenizer, model_name, api_key
-        self.max_len, self.vocab_size = max_len, vocab_size
+        self.max_len, self.vocab_size, self.max_prompts = max_len, vocab_size, max_prompts
         # A chat turn ends at EOS (always a stop) or at our default template's end-of-turn token.
         self.chat_stop_ids = chat_stop_ids(tokenizer)
 
     def check_key(self, authorization: str | None) -> None:
         if self.api_key is None:
             return
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme != "Bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise APIError(401, "Incorrect API key provided: give it as 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
@@ -137,15 +181,25 @@ class OpenAIParser:
         stop = [stop] if isinstance(stop, str) else stop
         if any(s == "" for s in stop):
             raise APIError(400, "'stop': stop strings must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            raise APIError(400, f"'stop': each stop string may have at most {MAX_STOP_LENGTH} characters",
+                           param="stop")
+        temperature = float(get_field(body, "temperature", lambda v: is_number(v) and 0 <= v <= 2,
+                                      "must be a number between 0 and 2", default=1.0))
+        top_p = float(get_field(body, "top_p", lambda v: is_number(v) and 0 < v <= 1,
+                                "must be a number in (0, 1]", default=1.0))
+        if temperature < MIN_TEMPERATURE:  # as good as greedy, and safe
+            temperature = 0.0
+        if top_p < MIN_TOP_P:  # only the most likely token is left: greedy
+            temperature, top_p = 0.0, 1.0
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=float(get_field(body, "temperature", lambda v: is_number(v) and 0 <= v <= 2,
-                                    "must be a number between 0 and 2", default=1.0)),
-            top_p=float(get_field(body, "top_p", lambda v: is_number(v) and 0 < v <= 1,
-                              "must be a number in (0, 1]", default=1.0)),
-            top_k=get_field(body, "top_k", lambda v: is_int(v) and v >= -1, "must be an integer >= 0 "
-                        "(0 or -1: no limit)", default=0),
-            seed=get_field(body, "seed", is_int, "must be an integer"),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=get_field(body, "top_k", lambda v: is_int(v) and -1 <= v <= self.vocab_size,
+                            f"must be an integer in [0, {self.vocab_size}] (0 or -1: no limit)", default=0),
+            seed=get_field(body, "seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
+                           f"must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]"),
             stop=stop,
             stop_token_ids=self.chat_stop_ids if chat else [],
             ignore_eos=bool(get_field(body, "ignore_eos", lambda v: isinstance(v, bool), "must be a boolean",
@@ -167,7 +221,11 @@ class OpenAIParser:
             prompts = prompt
         else:
             raise APIError(400, f"'prompt' is required and {rule}", param="prompt")
-        ids = [tokenize_prompt(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        if len(prompts) > self.max_prompts:
+            raise APIError(400, f"'prompt': at most {self.max_prompts} prompts per request; got {len(prompts)}",
+                           param="prompt")
+        ids = [tokenize_prompt(self.tokenizer, check_text(p, "prompt")) if isinstance(p, str) else list(p)
+               for p in prompts]
         for p in ids:
             if not p:
                 raise APIError(400, "'prompt' is empty: give at least one token", param="prompt")
@@ -181,7 +239,7 @@ class OpenAIParser:
             raise APIError(400, "'messages' is required and must be a non-empty list", param="messages")
         rendered = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
                 raise APIError(400, f"'messages[{i}]' must be an object with a role in {sorted(CHAT_ROLES)}",
                                param=f"messages[{i}]")
             content = m.get("content")
@@ -191,7 +249,7 @@ class OpenAIParser:
             if not isinstance(content, str):
                 raise APIError(400, f"'messages[{i}].content' must be a string or a list of text parts",
                                param=f"messages[{i}].content")
-            rendered.append({"role": CHAT_ROLES[m["role"]], "content": content})
+            rendered.append({"role": CHAT_ROLES[m["role"]], "content": check_text(content, f"messages[{i}].content")})
         try:
             text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
         except DsmoeError as err:

@@ -16,11 +16,19 @@ Not here: repetition/presence penalties, logit bias, beam search.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from dsmoe.errors import DsmoeError
+
+
+# Below these, fp32 sampling breaks down (logits / temperature overflows; a top_p that rounds
+# to 0 removes every token): the engine refuses them, and the HTTP API reads them as greedy.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -41,14 +49,15 @@ class SamplingParams:
 
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "must be a positive integer")
-        if not is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            fail("temperature", "must be a number in [0, 100] (0 is greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
+        if not is_number(self.temperature) or not (self.temperature == 0 or
+                                                   MIN_TEMPERATURE <= self.temperature <= 100):
+            fail("temperature", f"must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 100]")
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2 ** 63:
             fail("top_k", "must be a non-negative integer (0 disables top-k)")
-        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
-            fail("top_p", "must be a number in (0, 1]")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "must be an integer or None")
+        if not is_number(self.top_p) or not MIN_TOP_P <= self.top_p <= 1:
+            fail("top_p", f"must be a number in [{MIN_TOP_P}, 1] (use temperature 0 for greedy)")
+        if self.seed is not None and not (is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            fail("seed", f"must be None or an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "must be a list of non-empty strings")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -73,8 +82,13 @@ def is_int(x) -> bool:
 
 
 def is_number(x) -> bool:
-    """A real number (bools are not; NaN is not)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+    """A finite real number (bools are not; NaN and infinities are not; nor an int too big for a float)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int with hundreds of digits
+        return False
 
 
 @dataclass

@@ -189,7 +189,7 @@ def test_bad_requests_fail_before_any_work(tiny_args, build):
     assert not engine.has_work()
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_args, build, monkeypatch):
+def test_a_failed_prefill_fails_its_request_alone_and_the_engine_goes_on(tiny_args, build, monkeypatch):
     import dsmoe.infer.engine as engine_module
 
     model = build(tiny_args)
@@ -203,11 +203,18 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_args, buil
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine_module, "prefill", broken)
-    with pytest.raises(RuntimeError):
-        engine.step()  # fails inside the prefill of the joining request
-    engine.fail_all("device lost")
-    assert running.finish_reason == joining.finish_reason == "error"
-    assert engine.cache.n_used == engine.decoder.cache.n_used == 0 and not engine.has_work()
+    engine.step()  # fails inside the prefill of the joining request: that request alone fails
+    assert joining.finish_reason == "error" and joining.id in joining.error and "device lost" not in joining.error
+    assert not running.finished and engine.cache.n_used == engine.decoder.cache.n_used == 1
     monkeypatch.setattr(engine_module, "prefill", real)
+    while engine.has_work():
+        engine.step()
+    assert running.output_ids == reference_greedy(model, [1, 2, 3], 20)
+    assert engine.cache.n_used == engine.decoder.cache.n_used == 0
+    # after an error the engine itself cannot place, fail_all finishes everything and frees every row
+    held = engine.add_request([1, 2, 3], SamplingParams(max_tokens=20))
+    engine.step()
+    engine.fail_all("device lost")
+    assert held.finish_reason == "error" and engine.cache.n_used == engine.decoder.cache.n_used == 0
     again = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=6))[0]
     assert again.output_ids == reference_greedy(model, [1, 2, 3], 6)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply
+from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, decode_body
 from dsmoe.infer.requests import Request
 from dsmoe.infer.sampling import SamplingParams
 
@@ -113,3 +113,81 @@ def test_reply_bodies(tokenizer):
     body = json.loads(event[len("data: "):])
     assert body["object"] == "chat.completion.chunk" and body["choices"][0]["delta"] == {"content": "A"}
     assert json.loads(chat.usage_chunk()[6:])["usage"]["total_tokens"] == 5
+
+
+# ------------------------------------------------------------------ hostile values, field by field
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 2 ** 63), ("top_k", VOCAB + 1), ("top_k", -2), ("top_k", 1.5),
+    ("seed", 2 ** 70), ("seed", -(2 ** 63) - 1), ("seed", "7"),
+    ("temperature", float("inf")), ("temperature", float("nan")), ("temperature", -1e-9), ("temperature", 10 ** 400),
+    ("top_p", float("nan")), ("top_p", 1.0000001), ("top_p", 10 ** 400), ("top_p", True),
+    ("max_tokens", 10 ** 4000), ("max_tokens", 2.0),
+    ("stop", ["s" * 257]), ("stop", [["nested"]]), ("stop", {"a": 1}),
+])
+def test_hostile_sampling_values_get_a_400_naming_the_field(parser, field, value):
+    err = error(parser, {"model": NAME, "prompt": "x", field: value})
+    assert (err.status, err.param) == (400, field) and field in err.message
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e-40), ("temperature", 1e-4), ("top_p", 1e-50),
+                                          ("top_p", 1e-7)])
+def test_underflowing_temperature_or_top_p_is_greedy(parser, field, value):
+    sp = parser.parse({"model": NAME, "prompt": "x", "temperature": 1.0, field: value}, chat=False).params[0]
+    assert sp.greedy and sp.top_p == 1.0 and sp.validate()
+    # at the thresholds, sampling stays sampling
+    sp = parser.parse({"model": NAME, "prompt": "x", "temperature": 1e-3, "top_p": 1e-6}, chat=False).params[0]
+    assert (sp.temperature, sp.top_p) == (1e-3, 1e-6)
+
+
+def test_limits_on_prompts_stops_and_seeds(parser):
+    assert len(parser.parse({"model": NAME, "prompt": ["a"] * 16}, chat=False).prompts) == 16
+    assert error(parser, {"model": NAME, "prompt": ["a"] * 17}).param == "prompt"
+    assert error(parser, {"model": NAME, "prompt": [[1]] * 17}).param == "prompt"
+    sp = parser.parse({"model": NAME, "prompt": "x", "stop": ["s" * 256] * 4, "seed": 2 ** 64 - 1,
+                       "top_k": VOCAB}, chat=False).params[0]
+    assert len(sp.stop) == 4 and sp.seed == 2 ** 64 - 1 and sp.top_k == VOCAB
+    assert sp.generator("cpu").initial_seed() == 2 ** 64 - 1
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": ["user"], "content": "x"}], "messages[0]"),
+    ([{"role": {"a": 1}, "content": "x"}], "messages[0]"),
+    ([{"role": None, "content": "x"}], "messages[0]"),
+    ([{"role": "user", "content": "x\ud800"}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content"),
+])
+def test_hostile_messages(parser, messages, param):
+    err = error(parser, {"model": NAME, "messages": messages}, chat=True)
+    assert (err.status, err.param) == (400, param)
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400(parser):
+    assert error(parser, {"model": NAME, "prompt": "x\ud800"}).param == "prompt"
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b'{"model": "tiny", "prompt": ', "not valid JSON"),
+    (b'{"model": "tiny", "temperature": NaN}', "NaN is not JSON"),
+    (b'{"model": "tiny", "temperature": -Infinity}', "-Infinity is not JSON"),
+    (b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"\xff\xfe\xfd", "not valid JSON"),
+])
+def test_undecodable_bodies_are_a_400(raw, says):
+    with pytest.raises(APIError) as info:
+        decode_body(raw)
+    assert info.value.status == 400 and says in info.value.message
+
+
+def test_a_body_nested_just_under_the_limit_still_gets_a_400_with_a_preview(parser):
+    deep = json.loads("[" * 500 + "]" * 500)
+    err = error(parser, {"model": NAME, "prompt": "x", "temperature": deep})
+    assert err.param == "temperature" and len(err.message) < 200
+
+
+def test_the_key_needs_the_bearer_scheme(parser):
+    for header in ("k", "bearer k", "Basic k", "Bearerk", "", None):
+        with pytest.raises(APIError) as info:
+            parser.check_key(header)
+        assert info.value.status == 401
+    parser.check_key("Bearer k")

@@ -133,7 +133,8 @@ def error_of(response: httpx.Response) -> dict:
 
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(setup, client):
     url, auth = setup["url"], {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny-test", "prompt": ', headers=auth)
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny-test", "prompt": ',
+                   headers={**auth, "Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in error_of(r)["message"]
     r = httpx.post(url + "/v1/completions", json=["not", "an", "object"], headers=auth)
     assert r.status_code == 400
