@@ -21,7 +21,10 @@ Notable:
   layer (`dsmoe/infer/cache.py`).
 - Thread-safe where it must be: `add_request` and `abort` may be called from any thread
   (the server's handlers); `step` runs on one thread.
-Not here: prefix caching, preemption, beam search, logprobs.
+- Prefix cache (`prefix_cache.py`, optional): a joining prompt's longest cached prefix is
+  copied into its row and only the rest is prefilled; full blocks are stored after the
+  prefill and when the request ends. The hooks are the `_*_prefix*` methods at the end.
+Not here: preemption, beam search, logprobs.
 """
 from __future__ import annotations
 
@@ -70,9 +73,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_len: int | None = None,
-                 prefill_chunk: int = 256, decoder=None, speculative: bool = False, compile: bool = False):
+                 prefill_chunk: int = 256, decoder=None, speculative: bool = False, compile: bool = False,
+                 prefix_cache=None):
         """`decoder`: a decoding strategy (`PlainDecoding(compile)` unless given);
-        `speculative=True` is `decoder=MTPSpeculation()`."""
+        `speculative=True` is `decoder=MTPSpeculation()`. `prefix_cache`: a
+        `prefix_cache.PrefixCache` to reuse prompt prefixes from (not used when speculating)."""
         args = model.args
         if max_batch < 1 or prefill_chunk < 1:
             raise DsmoeError("max_batch and prefill_chunk must be positive")
@@ -90,6 +95,7 @@ class Engine:
         decoder.attach(model, self.max_len, max_batch)
         self.cache = LatentCache(args, 0, self.max_len, n_layers=args.n_layers, device=self.device,
                                  dtype=self.dtype, max_rows=max_batch)
+        self.prefix_cache = self._attach_prefix_cache(prefix_cache)
         self.running: list[Request] = []  # running[i] owns cache row i
         self.waiting: deque[Request] = deque()
         self.stats = EngineStats()
@@ -208,19 +214,22 @@ class Engine:
             joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         if not joining:
             return
-        # Longest first: the requests still prefilling in any chunk are then a prefix of the rows.
-        joining.sort(key=lambda r: -len(r.prompt_ids))
         start = time.perf_counter()
+        reused = self._match_prefixes(joining)
+        # Longest first: the requests still prefilling in any chunk are then a prefix of the rows.
+        joining.sort(key=lambda r: -(len(r.prompt_ids) - len(reused[r.id]) * self._block()))
         rows = self.cache.acquire(len(joining))
         self.decoder.acquire(len(joining))
         self.running.extend(joining)  # from here on, rows and requests match (fail_all frees both)
         self._sampling = None
-        logits_BV, hidden = prefill(self.model, [r.prompt_ids for r in joining], self.cache, rows,
-                                    self.prefill_chunk, keep_hidden=self.decoder.keeps_hidden)
+        self._fill_prefixes(joining, rows, reused)
+        logits_BV, hidden = prefill(self.model, [r.prompt_ids[r.cached_tokens:] for r in joining], self.cache,
+                                    rows, self.prefill_chunk, keep_hidden=self.decoder.keeps_hidden)
+        self._store_prefixes(joining, rows)
         first = next_tokens(logits_BV, sampling_batch(joining, self.device))
         first_list = first.tolist()
         self.decoder.prefilled(self.model, joining, rows, hidden, first, self.prefill_chunk)
-        self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in joining)
+        self.stats.prefill_tokens += sum(len(r.prompt_ids) - r.cached_tokens for r in joining)
         self.stats.prefill_seconds += time.perf_counter() - start
         now = time.perf_counter()
         for r, tok in zip(joining, first_list):
@@ -230,6 +239,7 @@ class Engine:
     def _release_finished(self) -> None:
         finished = [i for i, r in enumerate(self.running) if r.finished]
         for i in reversed(finished):
+            self._store_prefixes([self.running[i]], range(i, i + 1), with_output=True)
             self.decoder.release(i, self.running[i])
             moved = self.cache.release(i)
             if moved is not None:
@@ -237,3 +247,36 @@ class Engine:
             self.running.pop()
         if finished:
             self._sampling = None
+
+
+    # ------------------------------------------------------------------ prefix cache hooks
+    def _attach_prefix_cache(self, prefix_cache):
+        """The prefix cache to use: none when speculating (the MTP block's cache would need the
+        hidden state of every cached position, which the prefix cache does not keep)."""
+        if prefix_cache is None or not prefix_cache.enabled or self.decoder.speculative:
+            return None
+        prefix_cache.attach(self.cache)
+        return prefix_cache
+
+    def _block(self) -> int:
+        return self.prefix_cache.block if self.prefix_cache is not None else 0
+
+    def _match_prefixes(self, joining: list[Request]) -> dict[str, list]:
+        """Request id -> the cached blocks of its prompt's longest cached prefix."""
+        pc = self.prefix_cache
+        return {r.id: pc.match(r.prompt_ids) if pc is not None else [] for r in joining}
+
+    def _fill_prefixes(self, joining: list[Request], rows: range, reused: dict[str, list]) -> None:
+        if self.prefix_cache is not None:
+            for r, row in zip(joining, rows):
+                r.cached_tokens = self.prefix_cache.fill(self.cache, row, reused[r.id])
+
+    def _store_prefixes(self, reqs: list[Request], rows: range, with_output: bool = False) -> None:
+        """Keep the full blocks of the requests' prompts (and outputs) now in their rows;
+        never after an error (a row may then be half written)."""
+        if self.prefix_cache is None:
+            return
+        for r, row in zip(reqs, rows):
+            if r.finish_reason != "error":
+                self.prefix_cache.store(self.cache, row, r.prompt_ids + r.output_ids if with_output
+                                        else r.prompt_ids)

@@ -3,7 +3,9 @@
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the checkpoint's chat
 template when it has one, the tokenizer's documented default otherwise), streaming by
 server-sent events for both, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
-Responses carry OpenAI's usage counts (with `stream_options.include_usage` when streaming).
+Responses carry OpenAI's usage counts (with `stream_options.include_usage` when streaming),
+prompt tokens served from the prefix cache included (`--prefix-cache-*`; /health shows its
+hit rate and bytes per tier).
 
 Notable:
 - One engine thread runs `Engine.step()` whenever there is work; every HTTP request
@@ -26,6 +28,7 @@ import threading
 import time
 import uuid
 
+from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.generate import load_engine
 from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, finish_reason, sse
@@ -155,7 +158,8 @@ def health_body(engine: Engine, model_name: str) -> dict:
     return {"status": "ok", "model": model_name, "running": len(engine.running),
             "waiting": len(engine.waiting), "cache_bytes": engine.cache.nbytes(),
             "decode_tokens_per_s": _finite(s.decode_tokens_per_second),
-            "draft_acceptance": _finite(s.acceptance) if engine.speculative else None}
+            "draft_acceptance": _finite(s.acceptance) if engine.speculative else None,
+            "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache is not None else None}
 
 
 async def complete(request, parser: OpenAIParser, worker: "EngineWorker", chat: bool):
@@ -251,6 +255,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
+    prefix_cache.add_arguments(parser)
 
 
 def run(args) -> int:
@@ -258,8 +263,9 @@ def run(args) -> int:
 
     import uvicorn
 
+    prefix = prefix_cache.PrefixCacheSettings.from_args(args)  # a bad size fails before loading
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                                    max_len=args.max_len, speculative=args.speculative)
+                                    max_len=args.max_len, speculative=args.speculative, prefix=prefix)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {engine.max_batch}, "
