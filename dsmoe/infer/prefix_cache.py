@@ -172,10 +172,8 @@ class PrefixCache:
             if data is None:
                 break
             found.append(data)
+        self._touch(keys[:len(found)])
         with self._lock:
-            for key in reversed(keys[:len(found)]):  # first blocks most recent: evicted last
-                if key in self.ram:
-                    self.ram.move_to_end(key)
             c = self.counts
             c.looked_up_tokens += len(tokens)
             c.ram_hit_tokens += ram_hits * self.block
@@ -191,7 +189,8 @@ class PrefixCache:
     def store(self, cache, row: int, tokens: list[int]) -> None:
         """Keep the full blocks of `tokens`, whose latents are positions [0, len) of the cache row."""
         n_blocks = min(len(tokens), int(cache.lengths[row])) // self.block
-        for i, key in enumerate(block_keys(self.namespace, tokens, self.block, n_blocks)):
+        keys = block_keys(self.namespace, tokens, self.block, n_blocks)
+        for i, key in enumerate(keys):
             with self._lock:
                 in_ram = key in self.ram
             if in_ram or (self.ram_budget == 0 and self.disk is not None and self.disk.has(key)):
@@ -202,6 +201,7 @@ class PrefixCache:
                 self.disk.save(key, self._tokens(tokens, i), data)
             with self._lock:
                 self.counts.stored_blocks += 1
+        self._touch(keys)
 
     def flush(self) -> None:
         """Wait until every block stored so far is on disk."""
@@ -226,6 +226,13 @@ class PrefixCache:
     # ------------------------------------------------------------------- internals
     def _tokens(self, tokens: list[int], i: int) -> tuple[int, ...]:
         return tuple(tokens[i * self.block:(i + 1) * self.block])
+
+    def _touch(self, keys: list[str]) -> None:
+        """Mark a chain's blocks used, its first block last: the most recent, so evicted last."""
+        with self._lock:
+            for key in reversed(keys):
+                if key in self.ram:
+                    self.ram.move_to_end(key)
 
     def _put_ram(self, key: str, data: torch.Tensor) -> None:
         size = data.numel() * data.element_size()
