@@ -99,6 +99,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             yield
         finally:
             worker.stop()
+            if engine.prefix_cache is not None:
+                engine.prefix_cache.flush()  # the disk tier's pending writes survive the restart
 
     app = FastAPI(title="dsmoe", lifespan=lifespan)
     app.state.parser, app.state.worker = parser, worker
