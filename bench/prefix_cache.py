@@ -1,10 +1,10 @@
 """Prefix cache: time to first token for a long shared prefix, miss against RAM hit against disk hit.
 
 A 1,500-token prefix shared by every request plus a short suffix of its own (16 tokens),
-on the `small` preset (`tiny` with --quick; random weights, fp32, context raised to 2,048), one request at a
-time on one thread, first token only (max_tokens=1): the time from `generate` to its return covers the
-prefix lookup, the copy into the cache row, the prefill of what was not cached and the
-first token.
+on the `small` preset (`tiny` with --quick; random weights, fp32, context raised to
+2,048), one request at a time on one thread, first token only (max_tokens=1): the time
+from `generate` to its return covers the prefix lookup, the copy into the cache row, the
+prefill of what was not cached and the first token.
 - miss: the prefix cache on, nothing cached for this prompt yet (a new prefix each round),
   so it pays the prefill of all 1,516 tokens and the copy of its blocks out to the cache;
 - no cache: the engine without a prefix cache (what a miss costs on top of it);
@@ -78,14 +78,14 @@ def measure(quick: bool) -> list[dict]:
             time_to_first_token(warm, tokens(64, 0, args.vocab_size))
         for r in range(rounds):
             prefix = tokens(PREFIX, 100 + r, args.vocab_size)
-            suffix = lambda k: tokens(SUFFIX, 1000 * r + k, args.vocab_size)  # noqa: E731
-            measured = {"miss": time_to_first_token(engine, prefix + suffix(0))}
+            suffix = [tokens(SUFFIX, 1000 * r + k, args.vocab_size) for k in range(4)]  # each its own
+            measured = {"miss": time_to_first_token(engine, prefix + suffix[0])}
             ram.flush()
-            measured["no_cache"] = time_to_first_token(plain, prefix + suffix(1))
-            measured["ram_hit"] = time_to_first_token(engine, prefix + suffix(2))
+            measured["no_cache"] = time_to_first_token(plain, prefix + suffix[1])
+            measured["ram_hit"] = time_to_first_token(engine, prefix + suffix[2])
             disk = PrefixCache(identity, ram_bytes=0, disk_dir=folder)
             measured["disk_hit"] = time_to_first_token(Engine(model, max_batch=1, max_len=2048,
-                                                              prefix_cache=disk), prefix + suffix(3))
+                                                              prefix_cache=disk), prefix + suffix[3])
             disk.flush()  # its own writes (the suffix's block), before the folder goes
             for name, (seconds, n) in measured.items():
                 times[name].append(seconds)

@@ -268,7 +268,7 @@ class PrefixCacheSettings:
     disk_bytes: int
 
     @classmethod
-    def from_args(cls, args) -> "PrefixCacheSettings":
+    def from_args(cls, args) -> PrefixCacheSettings:
         """Checked before anything loads: a bad size is a ConfigError naming its flag."""
         settings = cls(parse_budget(args.prefix_cache_ram, "--prefix-cache-ram"), args.prefix_cache_dir,
                        parse_budget(args.prefix_cache_disk, "--prefix-cache-disk"))
