@@ -250,3 +250,13 @@ def test_budgets_are_sizes():
     for bad in ("lots", "-5MB", "12 parsecs", ""):
         with pytest.raises(ConfigError, match="--prefix-cache-disk"):
             parse_budget(bad, "--prefix-cache-disk")
+
+
+def test_the_next_turn_finds_the_previous_output(model):
+    first = tokens(30)
+    engine = Engine(model, prefix_cache=make_cache(model))
+    reply = engine.generate([first], SamplingParams(max_tokens=20, ignore_eos=True))[0].output_ids
+    turn = first + reply + tokens(6, seed=5)  # stored at the end: positions 0..48 (the last token never ran)
+    req = engine.generate([turn], GREEDY)[0]
+    assert req.cached_tokens == 48  # beyond the first prompt's 24: blocks written by decode steps
+    assert req.output_ids == outputs(Engine(model), [turn])[0]
