@@ -29,6 +29,7 @@ Not here: preemption, beam search, logprobs.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from dsmoe.infer.requests import Event, Request, check_prompt, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
 from dsmoe.infer.speculative import MTPSpeculation
 
+log = logging.getLogger("dsmoe.engine")
 DEFAULT_MAX_LEN = 8192  # cache positions per request unless asked otherwise (V3's context is 160K)
 
 
@@ -248,7 +250,6 @@ class Engine:
         if finished:
             self._sampling = None
 
-
     # ------------------------------------------------------------------ prefix cache hooks
     def _attach_prefix_cache(self, prefix_cache):
         """The prefix cache to use: none when speculating (the MTP block's cache would need the
@@ -277,6 +278,10 @@ class Engine:
         if self.prefix_cache is None:
             return
         for r, row in zip(reqs, rows):
-            if r.finish_reason != "error":
+            if r.finish_reason == "error":
+                continue
+            try:
                 self.prefix_cache.store(self.cache, row, r.prompt_ids + r.output_ids if with_output
                                         else r.prompt_ids)
+            except Exception:  # noqa: BLE001 - a cache that fails costs later hits, never this request
+                log.exception("prefix cache: storing %s failed", r.id)

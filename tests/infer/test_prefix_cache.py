@@ -260,3 +260,16 @@ def test_the_next_turn_finds_the_previous_output(model):
     req = engine.generate([turn], GREEDY)[0]
     assert req.cached_tokens == 48  # beyond the first prompt's 24: blocks written by decode steps
     assert req.output_ids == outputs(Engine(model), [turn])[0]
+
+
+def test_a_failing_store_does_not_fail_the_request(model, monkeypatch):
+    cache = make_cache(model)
+    engine = Engine(model, prefix_cache=cache)
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("out of host memory")
+
+    monkeypatch.setattr(cache, "store", broken)
+    prompt = tokens(40)
+    assert outputs(engine, [prompt]) == outputs(Engine(model), [prompt])
+    assert not engine.running and cache.stats()["ram_blocks"] == 0
