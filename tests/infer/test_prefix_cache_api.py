@@ -84,3 +84,24 @@ def test_bad_flags_are_refused_before_anything_loads(model_dir, tmp_path, capsys
     assert main(["generate", "--model", str(model_dir), "--prompt", "a",
                  "--prefix-cache-dir", str(blocker / "cache")]) == 1
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_concurrent_http_requests_sharing_a_prefix(tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_preset("tiny")).eval()
+    engine = Engine(model, tokenizer, max_batch=4, max_len=128,
+                    prefix_cache=PrefixCache(model_identity(model, "bytes"), ram_bytes=10**6, block=16))
+    prompts = [PROMPT[:70] + f" question {i}:" for i in range(8)]
+    plain = Engine(model, tokenizer)
+    want = [plain.generate([tokenize_prompt(tokenizer, p)], SamplingParams(max_tokens=6))[0].text for p in prompts]
+    with TestClient(create_app(engine, tokenizer, NAME)) as client:
+        def ask(prompt):
+            return client.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 6,
+                                                        "temperature": 0}).json()
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, prompts * 2))
+    assert [a["choices"][0]["text"] for a in answers] == want * 2
+    assert sum(a["usage"]["prompt_cache_hit_tokens"] for a in answers) >= 64 * 8
