@@ -18,7 +18,8 @@ being served (and is zero when none is).
 Memory: exactly (kv_lora_rank + qk_rope_head_dim) x dtype size bytes per token per layer;
 the only other state is one int64 length per row, kept on the host so that stepping
 never waits for the device.
-Not here: paging, or sharing prefixes between requests.
+`read_row`/`fill_row` copy a row's positions out and in (the prefix cache, `prefix_cache.py`).
+Not here: paging, or sharing one copy of a prefix between requests.
 """
 from __future__ import annotations
 
@@ -176,6 +177,24 @@ class LatentCache:
         if not 0 <= start <= stop <= self.n_used:
             raise DsmoeError(f"rows [{start}, {stop}) are not all in use (rows in use: 0..{self.n_used - 1})")
         return CacheView(self, start, stop)
+
+    # ------------------------------------------- copies in and out (the prefix cache's)
+    def read_row(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Positions [start, stop) of `row`, every layer, as one CPU tensor (layers, T, C + R)."""
+        if not (0 <= row < self.n_used and 0 <= start <= stop <= int(self.lengths[row])):
+            raise DsmoeError(f"positions [{start}, {stop}) of row {row} are not in the cache")
+        both = torch.cat([self.latent[:, row, start:stop], self.k_pe[:, row, start:stop]], dim=-1)
+        return both.to("cpu", copy=True)
+
+    def fill_row(self, row: int, data_LTW: torch.Tensor) -> None:
+        """Write (layers, T, C + R) into positions [0, T) of the empty `row`; its length becomes T."""
+        T, C = data_LTW.shape[1], self.widths[0]
+        if not 0 <= row < self.n_used or int(self.lengths[row]) != 0 or T > self.max_len:
+            raise DsmoeError(f"row {row} cannot take {T} cached positions (it must be in use and empty)")
+        data = data_LTW.to(self.device, self.dtype)
+        self.latent[:, row, :T] = data[..., :C]
+        self.k_pe[:, row, :T] = data[..., C:]
+        self.lengths[row] = T
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         C, R = self.widths

@@ -65,6 +65,7 @@ def over_chunks(process: ChunkFn, lengths: list[int], chunk: int, cache: LatentC
     if lengths != sorted(lengths, reverse=True):
         raise ValueError("rows must be sorted longest first")
     B, P = len(lengths), lengths[0]
+    before = cache.rows(rows.start, rows.stop).lengths.clone()  # rows may start non-empty (prefix cache)
     last: list[torch.Tensor | None] = [None] * B
     every = []
     for start in range(0, P, chunk):
@@ -77,7 +78,7 @@ def over_chunks(process: ChunkFn, lengths: list[int], chunk: int, cache: LatentC
         if keep_all:
             every.append(F.pad(out_all, (0, 0, 0, 0, 0, B - n_rows)))
     view = cache.rows(rows.start, rows.stop)
-    view.rewind(view.lengths - torch.tensor(lengths))
+    view.rewind(view.lengths - before - torch.tensor(lengths))
     return torch.stack(last), (torch.cat(every, dim=1) if keep_all else None)
 
 

@@ -5,7 +5,8 @@ saved in Hugging Face format or a DeepSeek-V3/V2 checkpoint from the Hub. Severa
 `--prompt`s are decoded together as one batch. `--chat` renders the prompt as a user
 turn with the checkpoint's chat template (or the tokenizer's documented default).
 `--speculative` drafts with the model's MTP module; `--stats` prints decode speed and the
-draft acceptance rate to stderr.
+draft acceptance rate to stderr. `--prefix-cache-*` (as `dsmoe serve`): prompt prefixes seen
+before come from the prefix cache, in RAM and, with `--prefix-cache-dir`, on disk across runs.
 Not here: interactive sessions; use `dsmoe serve` and any OpenAI client for that.
 """
 from __future__ import annotations
@@ -14,17 +15,22 @@ import sys
 
 from dsmoe.data.tokenizer import end_of_turn_ids
 from dsmoe.errors import DsmoeError
+from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
+from dsmoe.infer.prefix_cache import PrefixCacheSettings
 from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.sampling import SamplingParams
 
 
-def load_engine(model_dir, device=None, dtype=None, **engine_kwargs):
-    """(Engine, tokenizer or None) over the model in `model_dir`."""
+def load_engine(model_dir, device=None, dtype=None, prefix: PrefixCacheSettings | None = None, **engine_kwargs):
+    """(Engine, tokenizer or None) over the model in `model_dir`; `prefix`: its prefix cache's settings."""
     from dsmoe.interop.hf import load_model_dir
 
     model, tokenizer = load_model_dir(model_dir, dtype=dtype, device=device)
-    return Engine(model, tokenizer, **engine_kwargs), tokenizer
+    cache = prefix.build(model, model_dir, tokenizer) if prefix is not None else None
+    if cache is not None and prefix.disk_dir is not None and engine_kwargs.get("speculative"):
+        print("note: the prefix cache is not used with --speculative", file=sys.stderr)
+    return Engine(model, tokenizer, prefix_cache=cache, **engine_kwargs), tokenizer
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
@@ -54,15 +60,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
     parser.add_argument("--max-len", type=int, default=None, help="context per request")
     parser.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
+    prefix_cache.add_arguments(parser)
 
 
 def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop,
                             ignore_eos=args.ignore_eos).validate()  # before loading anything
+    prefix = prefix_cache.PrefixCacheSettings.from_args(args)
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype,
                                     max_batch=len(args.prompt), max_len=args.max_len,
-                                    speculative=args.speculative)
+                                    speculative=args.speculative, prefix=prefix)
     if tokenizer is None:
         raise DsmoeError(f"{args.model} has no tokenizer.json: save the model with its tokenizer "
                          f"(or use the engine from Python with token ids)")
@@ -85,5 +93,9 @@ def run(args) -> int:
                 f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_second:.1f} tok/s")
         if engine.speculative:
             line += f"; drafts accepted {s.accepted}/{s.drafted} ({s.acceptance:.0%})"
+        if engine.prefix_cache is not None:
+            line += f"; prompt tokens from the prefix cache {engine.prefix_cache.stats()['hit_tokens']}"
         print(line, file=sys.stderr)
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.flush()  # the disk tier's writes, before the process ends
     return 0

@@ -269,7 +269,8 @@ class Reply:
     def usage(self) -> dict:
         prompt = sum(len(r.prompt_ids) for r in self.reqs)
         completion = sum(len(r.output_ids) for r in self.reqs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                **cache_usage(prompt, sum(r.cached_tokens for r in self.reqs))}
 
     def _head(self, object_: str) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
@@ -297,6 +298,12 @@ class Reply:
     def usage_chunk(self) -> str:
         return sse({**self._head(self.object + ".chunk" if self.chat else self.object),
                     "choices": [], "usage": self.usage()})
+
+
+def cache_usage(prompt_tokens: int, cached_tokens: int) -> dict:
+    """Prompt tokens served from the prefix cache, as OpenAI and DeepSeek report them."""
+    return {"prompt_tokens_details": {"cached_tokens": cached_tokens},
+            "prompt_cache_hit_tokens": cached_tokens, "prompt_cache_miss_tokens": prompt_tokens - cached_tokens}
 
 
 def finish_reason(r: Request) -> str:

@@ -37,6 +37,7 @@ class Request:
     error: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
     finished_at: float | None = None
     generator: torch.Generator | None = None  # this request's random draws (seeded by params.seed)
     detokenizer: "Detokenizer | None" = None  # None: token ids only, no text

@@ -3,7 +3,9 @@
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the checkpoint's chat
 template when it has one, the tokenizer's documented default otherwise), streaming by
 server-sent events for both, `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`.
-Responses carry OpenAI's usage counts (with `stream_options.include_usage` when streaming).
+Responses carry OpenAI's usage counts (with `stream_options.include_usage` when streaming),
+prompt tokens served from the prefix cache included (`--prefix-cache-*`; /health shows its
+hit rate and bytes per tier).
 
 Notable:
 - One engine thread runs `Engine.step()` whenever there is work; every HTTP request
@@ -35,6 +37,7 @@ import time
 import uuid
 
 from dsmoe.errors import DsmoeError
+from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.generate import load_engine
 from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, decode_body, finish_reason, sse
@@ -147,6 +150,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             yield
         finally:
             worker.stop()
+            if engine.prefix_cache is not None:
+                engine.prefix_cache.flush()  # the disk tier's pending writes survive the restart
 
     app = FastAPI(title="dsmoe", lifespan=lifespan)
     app.state.parser, app.state.worker = parser, worker
@@ -212,7 +217,8 @@ def health_body(engine: Engine, model_name: str) -> dict:
             "waiting": len(engine.waiting), "prefilling": int(engine.staged is not None),
             "cache_bytes": engine.cache.nbytes(),
             "decode_tokens_per_s": _finite(s.decode_tokens_per_second),
-            "draft_acceptance": _finite(s.acceptance) if engine.speculative else None}
+            "draft_acceptance": _finite(s.acceptance) if engine.speculative else None,
+            "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache is not None else None}
 
 
 async def complete(request, parser: OpenAIParser, worker: "EngineWorker", chat: bool,
@@ -345,6 +351,7 @@ def add_arguments(parser) -> None:
                         f"once, else 429 with Retry-After (default: {MAX_QUEUE})")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
+    prefix_cache.add_arguments(parser)
 
 
 def run(args) -> int:
@@ -354,10 +361,11 @@ def run(args) -> int:
 
     if args.max_body_bytes < 1 or args.max_queue < 1:
         raise DsmoeError("--max-body-bytes and --max-queue must be positive")
+    prefix = prefix_cache.PrefixCacheSettings.from_args(args)  # a bad size fails before loading
     sock = bind(args.host, args.port)  # before loading the model: a bad address fails at once
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                                    max_len=args.max_len, speculative=args.speculative)
+                                    max_len=args.max_len, speculative=args.speculative, prefix=prefix)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                      max_queue=args.max_queue)

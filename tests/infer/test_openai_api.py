@@ -107,7 +107,9 @@ def test_reply_bodies(tokenizer):
     assert chat.full()["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "AB"},
                                        "logprobs": None, "finish_reason": "length"}]
     assert plain.full()["choices"][0]["text"] == "AB" and plain.full()["object"] == "text_completion"
-    assert chat.full()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert chat.full()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                                    "prompt_tokens_details": {"cached_tokens": 0},
+                                    "prompt_cache_hit_tokens": 0, "prompt_cache_miss_tokens": 3}
     event = chat.chunk(0, "A", None)
     assert event.startswith("data: ") and event.endswith("\n\n")
     body = json.loads(event[len("data: "):])
