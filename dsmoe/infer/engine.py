@@ -32,9 +32,8 @@ Notable:
   request whose admission fails (the cache cannot grow, out of memory) finishes with an
   error. The cause goes to the log (`dsmoe.infer.engine`); the request's `error` is a
   generic message with its id.
-- Prefix cache (`prefix_cache.py`, optional): a joining prompt's longest cached prefix is
-  copied into its row and only the rest is prefilled; full blocks are stored after the
-  prefill and when the request ends. The hooks are the `_*_prefix*` methods at the end.
+- Prefix cache (optional): a joining prompt's longest cached prefix is copied into its row
+  and only the rest is prefilled (`prefix_reuse.py`; the cache itself is `prefix_cache.py`).
 Not here: preemption, beam search, logprobs.
 """
 from __future__ import annotations
@@ -54,6 +53,7 @@ from dsmoe.infer.cache import LatentCache
 from dsmoe.infer.decoding import PlainDecoding
 from dsmoe.infer.forward import prefill
 from dsmoe.infer.isolation import StepState, first_failing_prefix
+from dsmoe.infer.prefix_reuse import PrefixReuse
 from dsmoe.infer.requests import Event, Request, check_prompt, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
 from dsmoe.infer.speculative import MTPSpeculation
@@ -113,8 +113,8 @@ class Engine:
         decoder.attach(model, self.max_len, max_batch)
         self.cache = LatentCache(args, 0, self.max_len, n_layers=args.n_layers, device=self.device,
                                  dtype=self.dtype, max_rows=max_batch)
-        self.prefix_cache = self._attach_prefix_cache(prefix_cache)
-        self._matched: dict[str, list] = {}  # request id -> blocks found while choosing who joins
+        self.prefixes = PrefixReuse.attach(prefix_cache, self.cache, self.decoder.speculative)
+        self.prefix_cache = self.prefixes.cache if self.prefixes is not None else None
         self.running: list[Request] = []  # running[i] owns cache row i
         self.waiting: deque[Request] = deque()
         self.stats = EngineStats()
@@ -276,7 +276,7 @@ class Engine:
             free = self.max_batch - len(self.running) - (self.staged is not None)
             while self.waiting and free > 0:
                 r = self.waiting.popleft()
-                n = self._uncached_length(r)
+                n = self.prefixes.uncached_length(r) if self.prefixes else len(r.prompt_ids)
                 if self.chunked_prefill and n > self.prefill_chunk:
                     if long is None and self.staged is None:
                         long, free = r, free - 1
@@ -289,17 +289,18 @@ class Engine:
                     kept.append(r)
                     break  # short prompts keep their order
             self.waiting.extendleft(reversed(kept))
-        for r in kept + ([long] if long is not None else []):  # matched again when they join
-            self._matched.pop(r.id, None)
+        if self.prefixes:
+            self.prefixes.forget(kept + ([long] if long is not None else []))
         return joining, long
 
     def _join(self, joining: list[Request], events: list[Event]) -> None:
         """Acquire rows for `joining`, prefill them, sample their first tokens; on any error,
         leave the engine as it was and raise."""
         start = time.perf_counter()
-        reused = self._match_prefixes(joining)
+        reused = self.prefixes.match(joining) if self.prefixes else {r.id: [] for r in joining}
+        block = self.prefixes.block if self.prefixes else 0
         # Longest first: the requests still prefilling in any chunk are then a prefix of the rows.
-        joining.sort(key=lambda r: -(len(r.prompt_ids) - len(reused[r.id]) * self._block()))
+        joining.sort(key=lambda r: -(len(r.prompt_ids) - len(reused[r.id]) * block))
         rows = self.cache.acquire(len(joining))
         try:
             self.decoder.acquire(len(joining))
@@ -310,7 +311,8 @@ class Engine:
         self.running.extend(joining)  # from here on, rows and requests match (fail_all frees both)
         self._sampling = None
         try:
-            self._fill_prefixes(joining, rows, reused)
+            if self.prefixes:
+                self.prefixes.fill(joining, rows, reused)
             logits_BV, hidden = prefill(self.model, [r.prompt_ids[r.cached_tokens:] for r in joining],
                                         self.cache, rows, self.prefill_chunk,
                                         keep_hidden=self.decoder.keeps_hidden)
@@ -320,7 +322,8 @@ class Engine:
         except Exception:
             self._drop_last(len(joining))
             raise
-        self._store_prefixes(joining, rows)
+        if self.prefixes:
+            self.prefixes.store(joining, rows)
         self.stats.prefill_tokens += sum(len(r.prompt_ids) - r.cached_tokens for r in joining)
         self.stats.prefill_seconds += time.perf_counter() - start
         now = time.perf_counter()
@@ -339,7 +342,8 @@ class Engine:
     def _release_finished(self) -> None:
         finished = [i for i, r in enumerate(self.running) if r.finished]
         for i in reversed(finished):
-            self._store_prefixes([self.running[i]], range(i, i + 1), with_output=True)
+            if self.prefixes:
+                self.prefixes.store([self.running[i]], range(i, i + 1), with_output=True)
             self.decoder.release(i, self.running[i])
             moved = self.cache.release(i)
             if moved is not None:
@@ -389,7 +393,8 @@ class Engine:
             self._drop_last(1)
             raise
         self.staged = None
-        self._store_prefixes([r], rows)
+        if self.prefixes:
+            self.prefixes.store([r], rows)
         r.first_token_at = time.perf_counter()
         self._append(r, first.tolist(), events)
 
@@ -436,48 +441,3 @@ class Engine:
             self._release_finished()
             state = StepState(self.cache, self.decoder, self.running)
         return None
-
-    # ------------------------------------------------------------------ prefix cache hooks
-    def _attach_prefix_cache(self, prefix_cache):
-        """The prefix cache to use: none when speculating (the MTP block's cache would need the
-        hidden state of every cached position, which the prefix cache does not keep)."""
-        if prefix_cache is None or not prefix_cache.enabled or self.decoder.speculative:
-            return None
-        prefix_cache.attach(self.cache)
-        return prefix_cache
-
-    def _block(self) -> int:
-        return self.prefix_cache.block if self.prefix_cache is not None else 0
-
-    def _uncached_length(self, r: Request) -> int:
-        """Prompt tokens that prefill would compute (the whole prompt without a cache); the
-        match is kept for `_match_prefixes` (one look-up per admission: it counts hits)."""
-        if self.prefix_cache is None:
-            return len(r.prompt_ids)
-        self._matched[r.id] = blocks = self.prefix_cache.match(r.prompt_ids)
-        return len(r.prompt_ids) - len(blocks) * self._block()
-
-    def _match_prefixes(self, joining: list[Request]) -> dict[str, list]:
-        """Request id -> the cached blocks of its prompt's longest cached prefix."""
-        pc = self.prefix_cache
-        return {r.id: (self._matched.pop(r.id) if r.id in self._matched else pc.match(r.prompt_ids))
-                if pc is not None else [] for r in joining}
-
-    def _fill_prefixes(self, joining: list[Request], rows: range, reused: dict[str, list]) -> None:
-        if self.prefix_cache is not None:
-            for r, row in zip(joining, rows):
-                r.cached_tokens = self.prefix_cache.fill(self.cache, row, reused[r.id])
-
-    def _store_prefixes(self, reqs: list[Request], rows: range, with_output: bool = False) -> None:
-        """Keep the full blocks of the requests' prompts (and outputs) now in their rows;
-        never after an error (a row may then be half written)."""
-        if self.prefix_cache is None:
-            return
-        for r, row in zip(reqs, rows):
-            if r.finish_reason == "error":
-                continue
-            try:
-                self.prefix_cache.store(self.cache, row, r.prompt_ids + r.output_ids if with_output
-                                        else r.prompt_ids)
-            except Exception:  # noqa: BLE001 - a cache that fails costs later hits, never this request
-                log.exception("prefix cache: storing %s failed", r.id)
