@@ -1,5 +1,9 @@
 """Loading holds a checkpoint once: in a fresh process, peak resident memory (VmHWM) minus
-the memory before loading minus the loaded model stays under 1.3x the checkpoint's size.
+the memory before loading minus the loaded model stays small. The issue's bound is one shard
+(or 256 MB, whichever is larger); with plain file reads (no memory map) the extra is one
+conversion buffer, so the test asks for far less: MARGIN + BOUND x the checkpoint, on a checkpoint
+stored as ONE file (where a memory-mapped load paid about 1.0x), in its own dtype and
+converted from bf16 to fp32.
 
 Also a program, run from the repository root: `PYTHONPATH=. .venv/bin/python
 tests/interop/test_hf_load_memory.py` writes a ~1 GB checkpoint and prints the figures.
@@ -18,7 +22,8 @@ import torch
 from dsmoe import ModelArgs, Transformer, save_hf
 from dsmoe.interop.hf import open_checkpoint
 
-BOUND = 1.3
+BOUND = 0.1
+MARGIN = 32 << 20  # fixed: Python objects, the allocator's arenas, the meta model (~18 MiB measured)
 CHILD = r"""
 import json, sys
 
@@ -65,13 +70,15 @@ def write(path: Path, args: ModelArgs, shard_size: str, dtype: str) -> None:
         save_hf(Transformer(args), path, shard_size=shard_size, dtype=dtype)
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*announces")
-def test_load_needs_at_most_1_3x_the_checkpoint_on_top_of_the_model(tmp_path):
-    write(tmp_path, model_args(experts=2, vocab=4000), shard_size="50MB", dtype="fp32")  # ~190 MB
-    result = measure(tmp_path)
-    assert result["checkpoint"] > 150e6
-    assert result["extra"] <= BOUND * result["checkpoint"], result
+@pytest.mark.parametrize("stored", ["fp32", "bf16"])
+def test_load_needs_little_more_than_the_model(tmp_path, stored):
+    """~95 MB (fp32) in a single file, loaded as fp32."""
+    write(tmp_path, model_args(experts=1, vocab=2000).replace(n_layers=4, n_mtp_layers=0),
+          shard_size="5GB", dtype=stored)
+    result = measure(tmp_path, "fp32")
+    assert result["model"] > 60e6
+    assert result["extra"] <= MARGIN + BOUND * result["checkpoint"], result
 
 
 if __name__ == "__main__":
@@ -86,4 +93,4 @@ if __name__ == "__main__":
     mb = {k: round(v / 2**20) for k, v in r.items() if k != "ratio"}
     print(f"checkpoint {mb['checkpoint']} MiB ({opts.shard_size} shards), model {mb['model']} MiB, "
           f"RSS before {mb['before']} MiB, peak {mb['peak']} MiB: extra {mb['extra']} MiB = "
-          f"{r['ratio']:.2f}x the checkpoint (bound {BOUND}x)")
+          f"{r['ratio']:.2f}x the checkpoint (bound {MARGIN >> 20} MiB + {BOUND}x)")
