@@ -14,15 +14,19 @@ import sys
 
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.engine import Engine
+from dsmoe.infer.memory_options import add_memory_arguments
 from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.sampling import SamplingParams
 
 
-def load_engine(model_dir, device=None, dtype=None, **engine_kwargs):
-    """(Engine, tokenizer or None) over the model in `model_dir`."""
+def load_engine(model_dir, device=None, dtype=None, quantize=None, max_expert_memory=None, **engine_kwargs):
+    """(Engine, tokenizer or None) over the model in `model_dir`; `quantize`,
+    `max_expert_memory`: see memory_options.py."""
+    from dsmoe.infer.memory_options import load_options
     from dsmoe.interop.hf import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir, dtype=dtype, device=device)
+    options = load_options(quantize, max_expert_memory, device)
+    model, tokenizer = load_model_dir(model_dir, dtype=dtype, device=device, **options)
     return Engine(model, tokenizer, **engine_kwargs), tokenizer
 
 
@@ -54,6 +58,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
     parser.add_argument("--max-len", type=int, default=None, help="context per request")
     parser.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
+    add_memory_arguments(parser)
 
 
 def run(args) -> int:
@@ -62,7 +67,8 @@ def run(args) -> int:
                             ignore_eos=args.ignore_eos).validate()  # before loading anything
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype,
                                     max_batch=len(args.prompt), max_len=args.max_len,
-                                    speculative=args.speculative)
+                                    speculative=args.speculative, quantize=args.quantize,
+                                    max_expert_memory=args.max_expert_memory)
     if tokenizer is None:
         raise DsmoeError(f"{args.model} has no tokenizer.json: save the model with its tokenizer "
                          f"(or use the engine from Python with token ids)")

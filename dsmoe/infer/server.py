@@ -28,6 +28,7 @@ import uuid
 
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.generate import load_engine
+from dsmoe.infer.memory_options import add_memory_arguments
 from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, finish_reason, sse
 from dsmoe.infer.requests import Event, Request
 from dsmoe.infer.sampling import SamplingParams
@@ -251,6 +252,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
+    add_memory_arguments(parser)
 
 
 def run(args) -> int:
@@ -259,7 +261,8 @@ def run(args) -> int:
     import uvicorn
 
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                                    max_len=args.max_len, speculative=args.speculative)
+                                    max_len=args.max_len, speculative=args.speculative,
+                                    quantize=args.quantize, max_expert_memory=args.max_expert_memory)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=args.api_key)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max batch {engine.max_batch}, "

@@ -275,34 +275,65 @@ def progress(iterable=None, **kw):
 
 
 def load_hf(path: str | Path, dtype: str | torch.dtype | None = None,
-            device: str | torch.device | None = None) -> Transformer:
+            device: str | torch.device | None = None, **options) -> Transformer:
     """A Transformer from a Hugging Face DeepSeek-V3/V2 checkpoint directory, in eval mode.
-    dtype/device default to dsmoe.device's choice (fp32 on CPU, bf16 on CUDA)."""
-    return build_model(open_checkpoint(path), dtype, device)  # everything checked before any allocation
+    dtype/device default to dsmoe.device's choice (fp32 on CPU, bf16 on CUDA); `options`
+    are build_model's (quantize, prepare)."""
+    return build_model(open_checkpoint(path), dtype, device, **options)  # everything checked first
 
 
 @torch.no_grad()
-def build_model(ckpt: HFCheckpoint, dtype, device) -> Transformer:
+def build_model(ckpt: HFCheckpoint, dtype, device, quantize: str | None = None, prepare=None) -> Transformer:
+    """`quantize`: 'int8' swaps in int8 modules (dsmoe/model/quant.py) and quantises each
+    tensor a few rows at a time as it is read. `prepare(meta_model, ckpt)`: called before any
+    storage exists, e.g. to replace routed experts by ones kept on disk; the loader reads
+    only the tensors the prepared model still holds."""
     device = resolve_device(device)
     dtype = parse_dtype(dtype, device)
-    model = _meta_model(ckpt.args, dtype).to_empty(device=device)
+    model = _meta_model(ckpt.args, dtype)
+    if prepare is not None:  # ---- hook: experts from disk (dsmoe/infer/expert_store.py)
+        prepare(model, ckpt)
+    if quantize:  # ---- hook: int8 weights (dsmoe/model/quant.py)
+        from dsmoe.model.quant import quantize_modules
+        quantize_modules(model, quantize)
+    model = model.to_empty(device=device)
     state = model.state_dict()
     reader = ShardReader(ckpt)
     try:
         keys = sorted(ckpt.sources, key=lambda k: (ckpt.tensors[k].file.name, k))  # shard by shard
         for key in progress(keys, desc=f"loading {ckpt.path.name}", unit="tensor"):
             for ours, expert in ckpt.sources[key]:
-                reader.read_into(key, state[ours] if expert is None else state[ours][expert])
+                if ours in state:
+                    reader.read_into(key, state[ours] if expert is None else state[ours][expert])
+                elif ours + "_q" in state:
+                    _read_quantized(reader, key, state, ours, expert)
+                elif ".experts." not in ours:  # only routed experts may be kept elsewhere
+                    raise CheckpointError(f"the model has no slot for {ours} ({key})")
     finally:
         reader.close()
     for ours in ckpt.unstored:
-        state[ours].zero_()
+        if ours in state:
+            state[ours].zero_()
     if not ckpt.spec.rope_interleave:
         _permute_rope_rows(state, ckpt.args)
     cos, sin = rope_tables(ckpt.args)  # buffers are not in checkpoints: rebuild them
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     return model.eval()
+
+
+def _read_quantized(reader: ShardReader, key: str, state: dict, ours: str, expert: int | None) -> None:
+    """Quantise `key` into `<ours>_q` / `<ours>_scale` (one expert's rows of them), a chunk
+    of rows at a time: no full-precision copy of the tensor exists at once."""
+    from dsmoe.model.quant import quantize_rows
+
+    q, scale = state[ours + "_q"], state[ours + "_scale"]
+    if expert is not None:
+        q, scale = q[expert], scale[expert]
+    for start, stop, rows in reader.float_rows(key):
+        q_rows, scale_rows = quantize_rows(rows)
+        q[start:stop].copy_(q_rows)
+        scale[start:stop].copy_(scale_rows)
 
 
 def _permute_rope_rows(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
@@ -312,10 +343,10 @@ def _permute_rope_rows(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
     perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
     for name, w in state.items():
         perm = perm.to(w.device)
-        if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+        if name.endswith(tuple(f"attn.{m}.weight{s}" for m in ("wq", "wq_b") for s in ("", "_q", "_scale"))):
             rope_rows = w.view(args.n_heads, args.qk_head_dim, -1)[:, args.qk_nope_head_dim:]
             rope_rows.copy_(rope_rows[:, perm])
-        elif name.endswith("attn.wkv_a.weight"):
+        elif name.endswith(("attn.wkv_a.weight", "attn.wkv_a.weight_q", "attn.wkv_a.weight_scale")):
             rope_rows = w[args.kv_lora_rank:]
             rope_rows.copy_(rope_rows[perm])
 
