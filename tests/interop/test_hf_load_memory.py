@@ -34,7 +34,7 @@ def status(field):
 from dsmoe.interop import hf
 import safetensors.torch, tqdm  # imported before measuring: they are not the checkpoint
 before = status("VmRSS:")
-model = hf.load_hf(sys.argv[1], dtype=sys.argv[2])
+model = hf.load_hf(sys.argv[1], dtype=sys.argv[2], quantize=sys.argv[3] if len(sys.argv) > 3 else None)
 tensors = list(model.state_dict().values()) + [model.rope_cos, model.rope_sin]
 print(json.dumps({"before": before, "peak": status("VmHWM:"),
                   "model": sum(t.numel() * t.element_size() for t in tensors)}))
@@ -52,10 +52,10 @@ def model_args(experts: int, vocab: int = 32000) -> ModelArgs:
                      v_head_dim=64, n_mtp_layers=1)
 
 
-def measure(path: Path, dtype: str = "fp32") -> dict:
+def measure(path: Path, dtype: str = "fp32", quantize: str | None = None) -> dict:
     root = str(Path(__file__).resolve().parents[2])  # this checkout's dsmoe, whatever the cwd
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype, *([quantize] if quantize else [])], capture_output=True, text=True,
                          check=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["checkpoint"] = open_checkpoint(path).total_bytes()
@@ -78,6 +78,17 @@ def test_load_needs_little_more_than_the_model(tmp_path, stored):
           shard_size="5GB", dtype=stored)
     result = measure(tmp_path, "fp32")
     assert result["model"] > 60e6
+    assert result["extra"] <= MARGIN + BOUND * result["checkpoint"], result
+
+
+@pytest.mark.filterwarnings("ignore:.*announces")
+def test_int8_load_never_holds_the_full_precision_model(tmp_path):
+    """`--quantize int8`: the peak is the int8 model (~0.27x) plus the same small extra, so
+    no fp32 copy of the model (1.0x) ever existed."""
+    write(tmp_path, model_args(experts=1, vocab=2000).replace(n_layers=4, n_mtp_layers=0),
+          shard_size="5GB", dtype="fp32")
+    result = measure(tmp_path, "fp32", quantize="int8")
+    assert result["model"] <= 0.3 * result["checkpoint"]
     assert result["extra"] <= MARGIN + BOUND * result["checkpoint"], result
 
 
