@@ -150,3 +150,13 @@ def offload_experts(budget: int | str, device, quantize: str | None = None):
 
     prepare.store = None
     return prepare
+
+
+def store_stats(model) -> dict | None:
+    """The expert store's counters for /health, None when every expert is resident."""
+    store = next((m.store for m in model.modules() if isinstance(m, OffloadedExperts)), None)
+    if store is None:
+        return None
+    s = store.stats
+    return {"budget_bytes": store.budget, "bytes_held": s.bytes_held, "experts_held": s.experts_held,
+            "hit_rate": round(s.hit_rate, 4), "hits": s.hits, "misses": s.misses}

@@ -27,6 +27,7 @@ import time
 import uuid
 
 from dsmoe.infer.engine import Engine
+from dsmoe.infer.expert_store import store_stats
 from dsmoe.infer.generate import load_engine
 from dsmoe.infer.memory_options import add_memory_arguments
 from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, finish_reason, sse
@@ -156,7 +157,8 @@ def health_body(engine: Engine, model_name: str) -> dict:
     return {"status": "ok", "model": model_name, "running": len(engine.running),
             "waiting": len(engine.waiting), "cache_bytes": engine.cache.nbytes(),
             "decode_tokens_per_s": _finite(s.decode_tokens_per_second),
-            "draft_acceptance": _finite(s.acceptance) if engine.speculative else None}
+            "draft_acceptance": _finite(s.acceptance) if engine.speculative else None,
+            "expert_store": store_stats(engine.model)}  # None unless --max-expert-memory
 
 
 async def complete(request, parser: OpenAIParser, worker: "EngineWorker", chat: bool):

@@ -10,6 +10,7 @@ from dsmoe.errors import ConfigError
 from dsmoe.infer.generate import load_engine
 from dsmoe.infer.memory_options import load_options
 from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.server import health_body
 from dsmoe.interop.hf import load_hf
 
 
@@ -55,11 +56,15 @@ def test_offloaded_experts_give_the_resident_models_logits_bit_for_bit(checkpoin
 def test_greedy_decoding_is_unchanged(checkpoint):
     prompts = [[5, 9, 2, 7], [3, 3, 1]]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    outputs = []
+    outputs, health = [], []
     for budget in (None, 3 * _expert_bytes(_args())):
         engine, _ = load_engine(checkpoint, device="cpu", dtype="fp32", max_expert_memory=budget, max_batch=2)
         outputs.append([r.output_ids for r in engine.generate(prompts, params)])
+        health.append(health_body(engine, "m")["expert_store"])
     assert outputs[0] == outputs[1]
+    assert health[0] is None
+    assert health[1]["misses"] > 0 and 0 < health[1]["hit_rate"] < 1
+    assert health[1]["bytes_held"] <= health[1]["budget_bytes"]
 
 
 @pytest.mark.parametrize("budget, message", [("lots", "give a size"), ("1KB", "give at least"),
