@@ -34,12 +34,13 @@ class TensorFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._fd = -1
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
             header = json.loads(os.pread(self._fd, n, 8))
         except (struct.error, ValueError) as err:
-            os.close(self._fd)
+            self.close()
             raise CheckpointError(f"{self.path} is not a readable safetensors file ({err})") from None
         header.pop("__metadata__", None)
         self._data_start = 8 + n
@@ -101,6 +102,9 @@ class TensorFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self):  # a reader dropped without close() must not leak its descriptor
+        self.close()
 
 
 def row_chunks(shape: tuple[int, ...], itemsize: int, limit: int = CHUNK_BYTES, multiple: int = 1):
