@@ -17,16 +17,21 @@ from dsmoe.data.tokenizer import end_of_turn_ids
 from dsmoe.errors import DsmoeError
 from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
+from dsmoe.infer.memory_options import add_memory_arguments
 from dsmoe.infer.prefix_cache import PrefixCacheSettings
 from dsmoe.infer.requests import tokenize_prompt
 from dsmoe.infer.sampling import SamplingParams
 
 
-def load_engine(model_dir, device=None, dtype=None, prefix: PrefixCacheSettings | None = None, **engine_kwargs):
-    """(Engine, tokenizer or None) over the model in `model_dir`; `prefix`: its prefix cache's settings."""
+def load_engine(model_dir, device=None, dtype=None, prefix: PrefixCacheSettings | None = None,
+                quantize=None, max_expert_memory=None, **engine_kwargs):
+    """(Engine, tokenizer or None) over the model in `model_dir`; `prefix`: its prefix cache's
+    settings; `quantize`, `max_expert_memory`: see memory_options.py."""
+    from dsmoe.infer.memory_options import load_options
     from dsmoe.interop.hf import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir, dtype=dtype, device=device)
+    options = load_options(quantize, max_expert_memory, device)
+    model, tokenizer = load_model_dir(model_dir, dtype=dtype, device=device, **options)
     cache = prefix.build(model, model_dir, tokenizer) if prefix is not None else None
     if cache is not None and prefix.disk_dir is not None and engine_kwargs.get("speculative"):
         print("note: the prefix cache is not used with --speculative", file=sys.stderr)
@@ -61,6 +66,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-len", type=int, default=None, help="context per request")
     parser.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
     prefix_cache.add_arguments(parser)
+    add_memory_arguments(parser)
 
 
 def run(args) -> int:
@@ -70,7 +76,8 @@ def run(args) -> int:
     prefix = prefix_cache.PrefixCacheSettings.from_args(args)
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype,
                                     max_batch=len(args.prompt), max_len=args.max_len,
-                                    speculative=args.speculative, prefix=prefix)
+                                    speculative=args.speculative, prefix=prefix, quantize=args.quantize,
+                                    max_expert_memory=args.max_expert_memory)
     if tokenizer is None:
         raise DsmoeError(f"{args.model} has no tokenizer.json: save the model with its tokenizer "
                          f"(or use the engine from Python with token ids)")

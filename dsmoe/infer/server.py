@@ -39,7 +39,9 @@ import uuid
 from dsmoe.errors import DsmoeError
 from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
+from dsmoe.infer.expert_store import store_stats
 from dsmoe.infer.generate import load_engine
+from dsmoe.infer.memory_options import add_memory_arguments
 from dsmoe.infer.openai_api import APIError, OpenAIParser, Reply, decode_body, finish_reason, sse
 from dsmoe.infer.requests import Event, Request
 from dsmoe.infer.sampling import SamplingParams
@@ -218,7 +220,8 @@ def health_body(engine: Engine, model_name: str) -> dict:
             "cache_bytes": engine.cache.nbytes(),
             "decode_tokens_per_s": _finite(s.decode_tokens_per_second),
             "draft_acceptance": _finite(s.acceptance) if engine.speculative else None,
-            "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache is not None else None}
+            "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache is not None else None,
+            "expert_store": store_stats(engine.model)}  # None unless --max-expert-memory
 
 
 async def complete(request, parser: OpenAIParser, worker: "EngineWorker", chat: bool,
@@ -352,6 +355,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
     prefix_cache.add_arguments(parser)
+    add_memory_arguments(parser)
 
 
 def run(args) -> int:
@@ -365,7 +369,8 @@ def run(args) -> int:
     sock = bind(args.host, args.port)  # before loading the model: a bad address fails at once
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine, tokenizer = load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-                                    max_len=args.max_len, speculative=args.speculative, prefix=prefix)
+                                    max_len=args.max_len, speculative=args.speculative, prefix=prefix,
+                                    quantize=args.quantize, max_expert_memory=args.max_expert_memory)
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, tokenizer, name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                      max_queue=args.max_queue)

@@ -1,5 +1,9 @@
 """Loading holds a checkpoint once: in a fresh process, peak resident memory (VmHWM) minus
-the memory before loading minus the loaded model stays under 1.3x the checkpoint's size.
+the memory before loading minus the loaded model stays small. The issue's bound is one shard
+(or 256 MB, whichever is larger); with plain file reads (no memory map) the extra is one
+conversion buffer, so the test asks for far less: MARGIN + BOUND x the checkpoint, on a checkpoint
+stored as ONE file (where a memory-mapped load paid about 1.0x), in its own dtype and
+converted from bf16 to fp32.
 
 Also a program, run from the repository root: `PYTHONPATH=. .venv/bin/python
 tests/interop/test_hf_load_memory.py` writes a ~1 GB checkpoint and prints the figures.
@@ -18,7 +22,8 @@ import torch
 from dsmoe import ModelArgs, Transformer, save_hf
 from dsmoe.interop.hf import open_checkpoint
 
-BOUND = 1.3
+BOUND = 0.1
+MARGIN = 32 << 20  # fixed: Python objects, the allocator's arenas, the meta model (~18 MiB measured)
 CHILD = r"""
 import json, sys
 
@@ -29,7 +34,7 @@ def status(field):
 from dsmoe.interop import hf
 import safetensors.torch, tqdm  # imported before measuring: they are not the checkpoint
 before = status("VmRSS:")
-model = hf.load_hf(sys.argv[1], dtype=sys.argv[2])
+model = hf.load_hf(sys.argv[1], dtype=sys.argv[2], quantize=sys.argv[3] if len(sys.argv) > 3 else None)
 tensors = list(model.state_dict().values()) + [model.rope_cos, model.rope_sin]
 print(json.dumps({"before": before, "peak": status("VmHWM:"),
                   "model": sum(t.numel() * t.element_size() for t in tensors)}))
@@ -47,10 +52,10 @@ def model_args(experts: int, vocab: int = 32000) -> ModelArgs:
                      v_head_dim=64, n_mtp_layers=1)
 
 
-def measure(path: Path, dtype: str = "fp32") -> dict:
+def measure(path: Path, dtype: str = "fp32", quantize: str | None = None) -> dict:
     root = str(Path(__file__).resolve().parents[2])  # this checkout's dsmoe, whatever the cwd
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype, *([quantize] if quantize else [])], capture_output=True, text=True,
                          check=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     result["checkpoint"] = open_checkpoint(path).total_bytes()
@@ -65,13 +70,26 @@ def write(path: Path, args: ModelArgs, shard_size: str, dtype: str) -> None:
         save_hf(Transformer(args), path, shard_size=shard_size, dtype=dtype)
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*announces")
-def test_load_needs_at_most_1_3x_the_checkpoint_on_top_of_the_model(tmp_path):
-    write(tmp_path, model_args(experts=2, vocab=4000), shard_size="50MB", dtype="fp32")  # ~190 MB
-    result = measure(tmp_path)
-    assert result["checkpoint"] > 150e6
-    assert result["extra"] <= BOUND * result["checkpoint"], result
+@pytest.mark.parametrize("stored", ["fp32", "bf16"])
+def test_load_needs_little_more_than_the_model(tmp_path, stored):
+    """~95 MB (fp32) in a single file, loaded as fp32."""
+    write(tmp_path, model_args(experts=1, vocab=2000).replace(n_layers=4, n_mtp_layers=0),
+          shard_size="5GB", dtype=stored)
+    result = measure(tmp_path, "fp32")
+    assert result["model"] > 60e6
+    assert result["extra"] <= MARGIN + BOUND * result["checkpoint"], result
+
+
+@pytest.mark.filterwarnings("ignore:.*announces")
+def test_int8_load_never_holds_the_full_precision_model(tmp_path):
+    """`--quantize int8`: the peak is the int8 model (~0.27x) plus the same small extra, so
+    no fp32 copy of the model (1.0x) ever existed."""
+    write(tmp_path, model_args(experts=1, vocab=2000).replace(n_layers=4, n_mtp_layers=0),
+          shard_size="5GB", dtype="fp32")
+    result = measure(tmp_path, "fp32", quantize="int8")
+    assert result["model"] <= 0.3 * result["checkpoint"]
+    assert result["extra"] <= MARGIN + BOUND * result["checkpoint"], result
 
 
 if __name__ == "__main__":
@@ -86,4 +104,4 @@ if __name__ == "__main__":
     mb = {k: round(v / 2**20) for k, v in r.items() if k != "ratio"}
     print(f"checkpoint {mb['checkpoint']} MiB ({opts.shard_size} shards), model {mb['model']} MiB, "
           f"RSS before {mb['before']} MiB, peak {mb['peak']} MiB: extra {mb['extra']} MiB = "
-          f"{r['ratio']:.2f}x the checkpoint (bound {BOUND}x)")
+          f"{r['ratio']:.2f}x the checkpoint (bound {MARGIN >> 20} MiB + {BOUND}x)")

@@ -11,6 +11,7 @@ One file per job:
     config.py     config.json <-> ModelArgs (types checked, DeepSeek's rules where
                   transformers differs)
     read.py       open_checkpoint (every header checked before any allocation), load_hf
+    tensor_file.py  plain-read safetensors access (no memory map: loading holds only the model)
     write.py      save_hf (atomic: the previous export survives any failure), write_shards
     model_dir.py  load_model_dir: (model, tokenizer) from a directory
 FP8 block dequantisation is `dsmoe/interop/fp8.py`; `dsmoe convert` is `convert.py`.

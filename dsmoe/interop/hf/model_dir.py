@@ -15,8 +15,9 @@ from dsmoe.errors import DataError
 from dsmoe.interop.hf.read import build_model, open_checkpoint
 
 def load_model_dir(path: str | Path, dtype: str | torch.dtype | None = None,
-                   device: str | torch.device | None = None):
-    """(model, tokenizer or None) from a checkpoint directory: what every command calls."""
+                   device: str | torch.device | None = None, **options):
+    """(model, tokenizer or None) from a checkpoint directory: what every command calls.
+    `options`: build_model's (quantize, prepare)."""
     ckpt = open_checkpoint(path)
     tokenizer = None
     if (ckpt.path / "tokenizer.json").is_file():
@@ -26,4 +27,4 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype | None = None,
         if tokenizer.vocab_size > ckpt.args.vocab_size:
             raise DataError(f"{ckpt.path / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's "
                             f"vocabulary is {ckpt.args.vocab_size}: the tokenizer belongs to another model")
-    return build_model(ckpt, dtype, device), tokenizer
+    return build_model(ckpt, dtype, device, **options), tokenizer

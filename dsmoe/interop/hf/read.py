@@ -6,12 +6,13 @@ Notable:
   dtype, FP8 scales. A bad checkpoint raises CheckpointError/ConfigError naming the file
   and the key; no half-loaded model is ever returned.
 - A checkpoint is never held twice: the model is built on the meta device in the target
-  dtype and allocated empty, then the shards are opened one at a time (memory-mapped) and
-  each tensor is copied into its slot: routed experts straight into their row of the
-  stacked (E, F, D) weight, FP8 weights dequantised a row of blocks at a time into the slot.
-  Peak: the model plus one shard's mapped pages. Measured on a 985 MiB fp32 checkpoint
-  (tests/interop/test_hf_load_memory.py): 0.82x its size on top of the model as one file,
-  0.14x in 200 MB shards (the bound is 1.3x).
+  dtype and allocated empty, then the shards are read one at a time with plain file reads
+  (tensor_file.py; no memory map, whose pages would stay resident beside the model) and
+  each tensor goes into its slot: routed experts straight into their row of the stacked
+  (E, F, D) weight, FP8 weights dequantised a row of blocks at a time into the slot.
+  Peak: the model plus one 4 MiB conversion buffer. Measured on a 985 MiB fp32 checkpoint
+  in one file (tests/interop/test_hf_load_memory.py run as a program): 19 MiB over the
+  model (0.02x), against 740 MiB (0.75x) memory-mapped.
 - A config that announces MTP layers the files do not hold (what transformers'
   save_pretrained writes) loads without MTP, with a warning.
 - A deepseek_v3 config with rope_interleave=false gets its rotary rows of q and k permuted
@@ -34,6 +35,7 @@ from dsmoe.interop import fp8
 from dsmoe.interop.hf.config import HFSpec, args_from_hf_config
 from dsmoe.interop.hf.names import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOP_NAMES, Slot, from_hf,
                                     to_hf)
+from dsmoe.interop.hf.tensor_file import TensorFile, row_chunks
 from dsmoe.model import Transformer
 from dsmoe.model.rope import rope_tables
 
@@ -214,37 +216,56 @@ def _plan(ckpt: HFCheckpoint) -> None:
 
 
 class ShardReader:
-    """Reads tensors by name, keeping one shard open at a time (so at most one shard's pages
-    are mapped); FP8 tensors come back dequantised when asked."""
+    """Reads tensors by name with plain file reads (tensor_file.py), never memory-mapped, so
+    nothing of a shard stays resident beside the model. The loader reads shard by shard and
+    keeps one file open, dropping its page cache when done (`keep_open=False`); a reader of
+    experts on demand keeps every shard open. FP8 tensors come back dequantised when asked."""
 
-    def __init__(self, ckpt: HFCheckpoint):
+    def __init__(self, ckpt: HFCheckpoint, keep_open: bool = False):
         self.ckpt = ckpt
-        self._file: Path | None = None
-        self._handle = None
+        self.keep_open = keep_open
+        self._files: dict[Path, TensorFile] = {}
+
+    def _file(self, key: str) -> TensorFile:
+        path = self.ckpt.tensors[key].file
+        if path not in self._files:
+            if not self.keep_open:
+                self.close()
+            self._files[path] = TensorFile(path)
+        return self._files[path]
 
     def raw(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.ckpt.tensors[key].file
-        if file != self._file:
-            self.close()
-            self._handle = safe_open(file, framework="pt", device="cpu").__enter__()
-            self._file = file
-        return self._handle.get_tensor(key)
+        return self._file(key).read(key)
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Copy tensor `key` into `out` (any dtype/device), dequantising FP8 on the way."""
         scale_key = self.ckpt.scale_key(key)
         if scale_key is None:
-            out.copy_(self.raw(key))
+            self._file(key).read_into(key, out)
             return
-        scale = self.raw(scale_key)
-        fp8.dequantize(self.raw(key), scale, self.ckpt.spec.fp8_block or fp8.DEFAULT_BLOCK, out=out)
+        for start, stop, rows in self.float_rows(key):
+            out[start:stop].copy_(rows)
+
+    def float_rows(self, key: str):
+        """(start, stop, fp32 rows) chunks of tensor `key` (at most CHUNK_BYTES of fp32 each),
+        FP8 dequantised a row of blocks at a time: what quantising on load reads."""
+        shape = self.ckpt.tensors[key].shape
+        scale_key = self.ckpt.scale_key(key)
+        block = self.ckpt.spec.fp8_block or fp8.DEFAULT_BLOCK
+        multiple = block[0] if scale_key is not None else 1
+        scale = self.raw(scale_key).float() if scale_key is not None else None
+        for start, stop in row_chunks(shape, 4, multiple=multiple):
+            rows = self._file(key).read_rows(key, start, stop)
+            if scale is None:
+                yield start, stop, rows.float()
+            else:
+                yield start, stop, fp8.dequantize(rows, scale[start // block[0]:-(-stop // block[0])], block)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._handle, self._file = None, None
+        for f in self._files.values():
+            f.drop_cache()
+            f.close()
+        self._files.clear()
 
 
 def progress(iterable=None, **kw):
@@ -254,34 +275,65 @@ def progress(iterable=None, **kw):
 
 
 def load_hf(path: str | Path, dtype: str | torch.dtype | None = None,
-            device: str | torch.device | None = None) -> Transformer:
+            device: str | torch.device | None = None, **options) -> Transformer:
     """A Transformer from a Hugging Face DeepSeek-V3/V2 checkpoint directory, in eval mode.
-    dtype/device default to dsmoe.device's choice (fp32 on CPU, bf16 on CUDA)."""
-    return build_model(open_checkpoint(path), dtype, device)  # everything checked before any allocation
+    dtype/device default to dsmoe.device's choice (fp32 on CPU, bf16 on CUDA); `options`
+    are build_model's (quantize, prepare)."""
+    return build_model(open_checkpoint(path), dtype, device, **options)  # everything checked first
 
 
 @torch.no_grad()
-def build_model(ckpt: HFCheckpoint, dtype, device) -> Transformer:
+def build_model(ckpt: HFCheckpoint, dtype, device, quantize: str | None = None, prepare=None) -> Transformer:
+    """`quantize`: 'int8' swaps in int8 modules (dsmoe/model/quant.py) and quantises each
+    tensor a few rows at a time as it is read. `prepare(meta_model, ckpt)`: called before any
+    storage exists, e.g. to replace routed experts by ones kept on disk; the loader reads
+    only the tensors the prepared model still holds."""
     device = resolve_device(device)
     dtype = parse_dtype(dtype, device)
-    model = _meta_model(ckpt.args, dtype).to_empty(device=device)
+    model = _meta_model(ckpt.args, dtype)
+    if prepare is not None:  # ---- hook: experts from disk (dsmoe/infer/expert_store.py)
+        prepare(model, ckpt)
+    if quantize:  # ---- hook: int8 weights (dsmoe/model/quant.py)
+        from dsmoe.model.quant import quantize_modules
+        quantize_modules(model, quantize)
+    model = model.to_empty(device=device)
     state = model.state_dict()
     reader = ShardReader(ckpt)
     try:
         keys = sorted(ckpt.sources, key=lambda k: (ckpt.tensors[k].file.name, k))  # shard by shard
         for key in progress(keys, desc=f"loading {ckpt.path.name}", unit="tensor"):
             for ours, expert in ckpt.sources[key]:
-                reader.read_into(key, state[ours] if expert is None else state[ours][expert])
+                if ours in state:
+                    reader.read_into(key, state[ours] if expert is None else state[ours][expert])
+                elif ours + "_q" in state:
+                    _read_quantized(reader, key, state, ours, expert)
+                elif ".experts." not in ours:  # only routed experts may be kept elsewhere
+                    raise CheckpointError(f"the model has no slot for {ours} ({key})")
     finally:
         reader.close()
     for ours in ckpt.unstored:
-        state[ours].zero_()
+        if ours in state:
+            state[ours].zero_()
     if not ckpt.spec.rope_interleave:
         _permute_rope_rows(state, ckpt.args)
     cos, sin = rope_tables(ckpt.args)  # buffers are not in checkpoints: rebuild them
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     return model.eval()
+
+
+def _read_quantized(reader: ShardReader, key: str, state: dict, ours: str, expert: int | None) -> None:
+    """Quantise `key` into `<ours>_q` / `<ours>_scale` (one expert's rows of them), a chunk
+    of rows at a time: no full-precision copy of the tensor exists at once."""
+    from dsmoe.model.quant import quantize_rows
+
+    q, scale = state[ours + "_q"], state[ours + "_scale"]
+    if expert is not None:
+        q, scale = q[expert], scale[expert]
+    for start, stop, rows in reader.float_rows(key):
+        q_rows, scale_rows = quantize_rows(rows)
+        q[start:stop].copy_(q_rows)
+        scale[start:stop].copy_(scale_rows)
 
 
 def _permute_rope_rows(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
@@ -291,10 +343,10 @@ def _permute_rope_rows(state: dict[str, torch.Tensor], args: ModelArgs) -> None:
     perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
     for name, w in state.items():
         perm = perm.to(w.device)
-        if name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+        if name.endswith(tuple(f"attn.{m}.weight{s}" for m in ("wq", "wq_b") for s in ("", "_q", "_scale"))):
             rope_rows = w.view(args.n_heads, args.qk_head_dim, -1)[:, args.qk_nope_head_dim:]
             rope_rows.copy_(rope_rows[:, perm])
-        elif name.endswith("attn.wkv_a.weight"):
+        elif name.endswith(("attn.wkv_a.weight", "attn.wkv_a.weight_q", "attn.wkv_a.weight_scale")):
             rope_rows = w[args.kv_lora_rank:]
             rope_rows.copy_(rope_rows[perm])
 

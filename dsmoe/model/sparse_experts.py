@@ -1,0 +1,69 @@
+"""Routed experts computed one chosen expert at a time, from weights handed over per expert.
+
+What for: experts whose weights are not one resident (E, F, D) tensor of the model's dtype:
+int8 experts (`quant.Int8Experts`) and experts kept in the checkpoint files with an LRU of
+hot ones (`dsmoe/infer/expert_store.py`). A subclass says how to get expert e's three
+weights (`expert(e)`); each is a tensor (used by `F.linear`) or any object with a
+`linear(x)` method (an int8 weight).
+
+Notable: the slots are the ragged layout of `moe.ExpertSlots` (same dispatch, same
+combine), and each expert's rows go through the same matmuls as the ragged grouped matmul
+computes for that block, so with fp32 weights the output is bit-identical to the resident
+model's few-token path (`ragged`, what `auto` runs at inference up to RAGGED_MAX_TOKENS
+tokens per forward); tests/infer/test_expert_store.py pins it. Only the experts some token
+chose are asked for, one at a time, so the weights held at once are one expert's; each is
+asked for twice (w1 and w3, then w2 after the SiLU over all rows).
+Not here: gradients (inference only), the padded or fused-w1|w3 layouts of training.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.model.moe import ExpertSlots
+
+
+def apply_weight(w, x: torch.Tensor) -> torch.Tensor:
+    """x wᵀ for a plain weight tensor, or the weight's own `linear` (int8)."""
+    return F.linear(x, w.to(x.dtype)) if isinstance(w, torch.Tensor) else w.linear(x)
+
+
+class SparseExperts(nn.Module):
+    """Base of routed experts served one expert at a time; `forward` matches RoutedExperts'."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.impl = "auto"  # set by Transformer.set_expert_impl; there is one implementation here
+
+    def expert(self, e: int) -> tuple:
+        """(w1 (F, D), w3 (F, D), w2 (D, F)) of expert e."""
+        raise NotImplementedError
+
+    def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
+        return _per_expert(x_TD, ids_TK, weights_TK, load_E, self.expert)
+
+
+@torch.compiler.disable  # a Python loop over the chosen experts, fetched on demand
+def _per_expert(x_TD, ids_TK, weights_TK, load_E, expert) -> torch.Tensor:
+    slots = ExpertSlots.plan(ids_TK, load_E, padded=False)
+    x_SD = slots.dispatch(x_TD)
+    ends = slots.offsets_E.tolist()
+    chosen = [(e, slice(ends[e] - int(load_E[e]), ends[e])) for e in load_E.nonzero().flatten().tolist()]
+    gate_SF = up_SF = None
+    for e, rows in chosen:
+        w1, w3, _ = expert(e)
+        gate, up = apply_weight(w1, x_SD[rows]), apply_weight(w3, x_SD[rows])
+        if gate_SF is None:
+            gate_SF, up_SF = x_SD.new_empty(x_SD.shape[0], gate.shape[-1]), x_SD.new_empty(x_SD.shape[0], up.shape[-1])
+        gate_SF[rows], up_SF[rows] = gate, up
+    if gate_SF is None:  # no token (an empty batch)
+        return torch.zeros_like(x_TD)
+    # SiLU over all rows at once, as the ragged path does: a vectorised kernel's tail
+    # elements may round differently, so per-expert slices would not be bit-identical.
+    h_SF = F.silu(gate_SF) * up_SF
+    out_SD = torch.empty_like(x_SD)
+    for e, rows in chosen:  # the experts again: LRU hits whenever this call's experts fit
+        out_SD[rows] = apply_weight(expert(e)[2], h_SF[rows])
+    return slots.combine(out_SD, weights_TK).type_as(x_TD)
