@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from dsmoe.data.tokenizer import end_of_turn_ids
+from dsmoe.device import add_device_arguments
 from dsmoe.errors import DsmoeError
 from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
@@ -61,8 +62,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
+    add_device_arguments(parser, dtype=True)
     parser.add_argument("--max-len", type=int, default=None, help="context per request")
     parser.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")
     prefix_cache.add_arguments(parser)

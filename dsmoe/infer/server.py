@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 
+from dsmoe.device import add_device_arguments
 from dsmoe.errors import DsmoeError
 from dsmoe.infer import prefix_cache
 from dsmoe.infer.engine import Engine
@@ -352,8 +353,7 @@ def add_arguments(parser) -> None:
                         help=f"largest request body accepted, else 413 (default: {MAX_BODY_BYTES})")
     parser.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests waiting or running at "
                         f"once, else 429 with Retry-After (default: {MAX_QUEUE})")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: per device)")
+    add_device_arguments(parser, dtype=True)
     prefix_cache.add_arguments(parser)
     add_memory_arguments(parser)
 
