@@ -257,7 +257,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
         impl = resolve_expert_impl(self.impl, x_TD.shape[0], torch.is_grad_enabled(), x_TD.device.type == "cpu")
         if impl == "views":
-            return _chosen_expert_views_eager(x_TD, ids_TK, weights_TK, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+            views = _chosen_expert_views_eager if torch.compiler.is_compiling() else chosen_expert_views
+            return views(x_TD, ids_TK, weights_TK, self.w1_EFD, self.w3_EFD, self.w2_EDF)
         if impl == "grouped":
             return self._forward_grouped(x_TD, ids_TK, weights_TK, load_E)
         if impl == "ragged":
