@@ -14,6 +14,8 @@ Rows (`small` preset, random weights, seed 0, fp32, no MTP unless --model):
   1) / (N - 1) steps, as bench/decode.py measures), thread CPU time and wall time;
 - `threads`: wall time of a batch-1 step with 1 and with 2 torch threads (the decode
   thread-count default, `dsmoe/infer/decoding.py`);
+- `spec-cost`: a speculative step's cost against a plain one (random weights), hence the
+  acceptance a speedup needs;
 - `speculative` (with `--model DIR`, a trained model with an MTP layer): plain against MTP
   speculative decoding, batch 1, greedy: tokens/s (thread CPU time), acceptance, identical output.
 
@@ -171,6 +173,31 @@ def speculative_rows(model_dir: str, N: int = 96, rounds: int = 3) -> list[str]:
     return rows
 
 
+def spec_cost_rows(N: int = 48, rounds: int = 3) -> list[str]:
+    """What a speculative step costs against a plain one (random `small` weights with an MTP
+    layer, batch 1, thread CPU time): with acceptance a, speculation yields (1 + a) tokens
+    per step, so its speedup is (1 + a) x plain step / speculative step."""
+    model = small_model(mtp=1)
+    prompt = list(range(1, 33))
+    plain = Engine(model, max_batch=1, max_len=128)
+    spec = Engine(model, max_batch=1, max_len=128, speculative=True)
+    params = SamplingParams(max_tokens=N, ignore_eos=True)
+    jobs = {n: {"plain": lambda n=n: plain.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True)),
+                "spec": lambda n=n: spec.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))}
+            for n in (1, N)}
+    spec.stats.__init__()
+    t1, tn = median_times(jobs[1], rounds, "cpu"), median_times(jobs[N], rounds, "cpu")
+    a = spec.stats.acceptance
+    spec_tokens = spec.stats.decode_tokens / max(spec.stats.decode_steps, 1)
+    plain_step = (tn["plain"] - t1["plain"]) / (N - 1)
+    spec_step = (tn["spec"] - t1["spec"]) / ((N - 1) / spec_tokens)
+    ratio = plain_step / spec_step
+    del params
+    return [f"spec cost: plain step {1e3 * plain_step:.2f} ms, speculative step {1e3 * spec_step:.2f} ms "
+            f"(cpu; acceptance here {100 * a:.0f}%, random weights): speedup = (1 + a) x {ratio:.2f}, "
+            f"1.5x needs a >= {1.5 / ratio - 1:.2f}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="step,engine,threads", help="comma-separated parts")
@@ -190,6 +217,8 @@ def main() -> None:
         rows += engine_rows(small_model())
     if "threads" in parts:
         rows += thread_rows(small_model())
+    if "spec-cost" in parts:
+        rows += spec_cost_rows()
     if "speculative" in parts:
         rows += speculative_rows(opts.model) if opts.model else ["speculative: pass --model DIR"]
     for row in rows:
