@@ -56,8 +56,9 @@ def enabled() -> bool:
 
 def fast_rows(x: torch.Tensor, n_rows: int) -> bool:
     """Whether a call over `n_rows` rows of `x` takes the few-row CPU inference path."""
-    return (_enabled and n_rows <= FAST_MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+    # Tracing first: a traced call must not guard on its (dynamic) row count.
+    return (_enabled and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and n_rows <= FAST_MAX_ROWS)
 
 
 class Derived:
@@ -108,16 +109,23 @@ def swiglu_few_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: tor
 
 
 def chosen_expert_views(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                        w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor) -> torch.Tensor:
+                        w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+                        derived: Derived | None = None) -> torch.Tensor:
     """The routed experts for a few tokens: each chosen expert's weights used in place (views,
     no gather, no copy), the routing read on the host once; the weighted sum accumulates in
-    place (`addmv_` with the routing weight as alpha: scale and add in one call).
+    place (`addmv_` with the routing weight as alpha: scale and add in one call). With
+    `derived`, the per-expert views are made once (`unbind`) rather than selected per call.
     Inference only: the routing weights are read as numbers, so the gate gets no gradient."""
-    y_TD = torch.zeros_like(x_TD)
     dtype = x_TD.dtype
+    if derived is not None and all(w.dtype == dtype for w in (w1_EFD, w3_EFD, w2_EDF)):
+        w1s, w3s, w2s = derived.get("expert_views", lambda a, b, c: (a.unbind(0), b.unbind(0), c.unbind(0)),
+                                    w1_EFD, w3_EFD, w2_EDF)
+    else:
+        w1s, w3s, w2s = (w.to(dtype) for w in (w1_EFD, w3_EFD, w2_EDF))
+    y_TD = torch.zeros_like(x_TD)
     for t, (ids, weights) in enumerate(zip(ids_TK.tolist(), weights_TK.tolist())):
         x_D, y_D = x_TD[t], y_TD[t]
         for e, w in zip(ids, weights):
-            h_F = F.silu(F.linear(x_D, w1_EFD[e].to(dtype))) * F.linear(x_D, w3_EFD[e].to(dtype))
-            y_D.addmv_(w2_EDF[e].to(dtype), h_F, alpha=w)
+            y_D.addmv_(w2s[e], F.silu(torch.mv(w1s[e], x_D)) * torch.mv(w3s[e], x_D), alpha=w)
     return y_TD
+

@@ -43,7 +43,7 @@ from torch import nn
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
 from dsmoe.model import fastpath
-from dsmoe.model.fastpath import FAST_MAX_ROWS, chosen_expert_views
+from dsmoe.model.fastpath import FAST_MAX_ROWS, Derived, chosen_expert_views
 from dsmoe.model.layers import SwiGLU
 
 EXPERT_IMPLS = ("grouped", "ragged", "views", "loop")
@@ -253,12 +253,13 @@ class RoutedExperts(nn.Module):
         self.w3_EFD = nn.Parameter(torch.empty(E, F_, D))  # up_proj
         self.w2_EDF = nn.Parameter(torch.empty(E, D, F_))  # down_proj
         self.impl = "auto"  # see resolve_expert_impl; Transformer.set_expert_impl sets every layer's
+        self._derived = Derived()  # per-expert weight views for the `views` path (fastpath.py)
 
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
         impl = resolve_expert_impl(self.impl, x_TD.shape[0], torch.is_grad_enabled(), x_TD.device.type == "cpu")
         if impl == "views":
             views = _chosen_expert_views_eager if torch.compiler.is_compiling() else chosen_expert_views
-            return views(x_TD, ids_TK, weights_TK, self.w1_EFD, self.w3_EFD, self.w2_EDF)
+            return views(x_TD, ids_TK, weights_TK, self.w1_EFD, self.w3_EFD, self.w2_EDF, self._derived)
         if impl == "grouped":
             return self._forward_grouped(x_TD, ids_TK, weights_TK, load_E)
         if impl == "ragged":
