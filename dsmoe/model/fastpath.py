@@ -13,7 +13,7 @@ two rows, per-call overhead and the matrix-vector kernels' layout matter more th
   per expert saves 4% more and would copy two thirds of every expert's weights: not done.
 
 `Derived` holds tensors computed from parameters (a transposed head, a fused w1|w3) and
-rebuilds one whenever a source parameter changed: its key is each source's storage address,
+rebuilds one whenever a source parameter changed: its key is each source's identity, storage address,
 version counter (bumped by every in-place write: optimizer steps, `load_state_dict`,
 `copy_`), dtype and device. Nothing derived is a parameter or a buffer, so state_dicts,
 checkpoints and HF round trips are exactly what they were. The copies cost memory (the
@@ -65,16 +65,18 @@ class Derived:
     """Inference-only tensors computed from parameters, rebuilt when a source changes."""
 
     def __init__(self):
-        self._store: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._store: dict[str, tuple[tuple, tuple, object]] = {}
 
-    def get(self, name: str, build, *sources: torch.Tensor) -> torch.Tensor:
+    def get(self, name: str, build, *sources: torch.Tensor):
         key = tuple((s.data_ptr(), s._version, s.dtype, s.device) for s in sources)
         hit = self._store.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        # The sources are held with the entry, so a replaced parameter (load_state_dict with
+        # assign=True) cannot be mistaken for a new one at the same address.
+        if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], sources)):
+            return hit[2]
         with torch.no_grad():
             value = build(*sources)
-        self._store[name] = (key, value)
+        self._store[name] = (key, sources, value)
         return value
 
     def clear(self) -> None:
@@ -84,28 +86,29 @@ class Derived:
         return Derived()
 
 
-def _transposed(w: torch.Tensor) -> torch.Tensor:
-    return w.t().contiguous()
-
-
 def is_tall(weight: torch.Tensor) -> bool:
     return weight.shape[0] >= 2 * weight.shape[1]
 
 
-def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, derived: Derived, name: str) -> torch.Tensor:
-    """F.linear(x, weight) for few rows: tall weights through their transposed copy."""
-    if is_tall(weight):
-        return x @ derived.get(name, _transposed, weight).to(x.dtype)
-    return F.linear(x, weight.to(x.dtype))
+def _layout(*weights: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The rows of `weights` stacked (one matrix for inputs they share), transposed when tall."""
+    w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    return (w.t().contiguous(), True) if is_tall(w) else (w, False)
+
+
+def linear_few_rows(x: torch.Tensor, weights: tuple[torch.Tensor, ...], derived: Derived, name: str) -> torch.Tensor:
+    """F.linear(x, cat(weights)) for few rows: one call over weights that read the same x,
+    tall ones through their transposed copy (built once per weight version, from the
+    parameters themselves, so no derived tensor is ever keyed on another derived one)."""
+    w, transposed = derived.get(name, _layout, *weights)
+    return x @ w.to(x.dtype) if transposed else F.linear(x, w.to(x.dtype))
 
 
 def swiglu_few_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
                     derived: Derived) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) with w1|w3 as one transposed (D, 2F) matrix: one call, fast layout."""
-    w13_DG = derived.get("w13_t", lambda a, b: torch.cat([a, b], 0).t().contiguous(), w1, w3)
-    h = x @ w13_DG.to(x.dtype)
-    gate, up = h.chunk(2, dim=-1)
-    return linear_few_rows(F.silu(gate) * up, w2, derived, "w2")
+    """w2(silu(w1 x) * w3 x) with w1|w3 as one matrix (transposed when tall): one call."""
+    gate, up = linear_few_rows(x, (w1, w3), derived, "w13").chunk(2, dim=-1)
+    return linear_few_rows(F.silu(gate) * up, (w2,), derived, "w2")
 
 
 def chosen_expert_views(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,

@@ -97,11 +97,11 @@ class MLA(nn.Module):
         read the same x, so one call over their concatenation; tall weights transposed."""
         d = self._derived
         if self.q_lora_rank == 0:
-            return (linear_few_rows(x_BTD, self.wq.weight, d, "wq"),
-                    linear_few_rows(x_BTD, self.wkv_a.weight, d, "wkv_a"))
-        w_a = d.get("wq_a|wkv_a", lambda a, b: torch.cat([a, b], 0), self.wq_a.weight, self.wkv_a.weight)
-        c_q, kv_a = linear_few_rows(x_BTD, w_a, d, "w_a").split([self.q_lora_rank, w_a.shape[0] - self.q_lora_rank], -1)
-        return linear_few_rows(self.q_norm(c_q), self.wq_b.weight, d, "wq_b"), kv_a
+            return (linear_few_rows(x_BTD, (self.wq.weight,), d, "wq"),
+                    linear_few_rows(x_BTD, (self.wkv_a.weight,), d, "wkv_a"))
+        c_q, kv_a = linear_few_rows(x_BTD, (self.wq_a.weight, self.wkv_a.weight), d, "wq_a|wkv_a").split(
+            [self.q_lora_rank, self.wkv_a.weight.shape[0]], -1)
+        return linear_few_rows(self.q_norm(c_q), (self.wq_b.weight,), d, "wq_b"), kv_a
 
     def _attend_absorbed(self, q_nope, q_pe, latent_BSC, k_pe_BSR, mask):
         """Attention in latent space with batched matmuls over rows (token, head): five

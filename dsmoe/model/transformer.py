@@ -166,7 +166,7 @@ class Transformer(nn.Module):
         """The output head; for one or two rows on a CPU through its transposed copy
         (3-5x faster there, `fastpath.py`)."""
         if fast_rows(x, x.numel() // x.shape[-1]):
-            return linear_few_rows(x, self.head.weight, self._derived, "head")
+            return linear_few_rows(x, (self.head.weight,), self._derived, "head")
         return self.head(x)
 
     def _run_mtp(self, tokens, out: ModelOutput, attn_impl: str) -> None:

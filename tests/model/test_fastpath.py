@@ -92,3 +92,14 @@ def test_chosen_expert_views_equal_the_loop(tiny_args, idle):
     if idle:
         assert routing.load_E[3:].sum() == 0
     torch.testing.assert_close(y_views, y_loop, atol=1e-6, rtol=1e-5)
+
+
+def test_derived_layouts_follow_replaced_parameters(tiny_args, build):
+    """load_state_dict(assign=True) puts new tensors in place: the layouts follow them."""
+    model = build(tiny_args)
+    x = torch.randn(2, tiny_args.dim)
+    with torch.no_grad():
+        model._head(x)
+        other = build(tiny_args, seed=1)
+        model.load_state_dict(other.state_dict(), assign=True)
+        torch.testing.assert_close(model._head(x), F.linear(x, other.head.weight))
