@@ -33,7 +33,7 @@ import torch
 
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.cache import CacheView, LatentCache
-from dsmoe.infer.decoding import Decoded
+from dsmoe.infer.decoding import Decoded, decode_thread_count
 from dsmoe.infer.forward import over_chunks, pad_rows
 from dsmoe.infer.requests import Request, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, draw, probs, uniform
@@ -149,8 +149,9 @@ class MTPSpeculation:
         drafts_B = torch.stack([self.drafts[r.id][0] for r in running])
         q_BV = torch.stack([self.drafts[r.id][1] for r in running])
         pending_B = torch.tensor([r.output_ids[-1] for r in running], device=cache.device)
-        n_acc_B, next_B, d_B, q_next_BV = verify_and_draft(model, pending_B, drafts_B, q_BV, cache,
-                                                           self.cache.rows(0, n), sampling)
+        with decode_thread_count(cache.device):
+            n_acc_B, next_B, d_B, q_next_BV = verify_and_draft(model, pending_B, drafts_B, q_BV, cache,
+                                                               self.cache.rows(0, n), sampling)
         tokens = []
         for b, (r, a, d, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_B.tolist(), next_B.tolist())):
             self.drafts[r.id] = (d_B[b], q_next_BV[b])

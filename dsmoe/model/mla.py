@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelArgs
+from dsmoe.model.fastpath import Derived, fast_rows, linear_few_rows, plain_linears
 from dsmoe.model.layers import RMSNorm
 from dsmoe.model.rope import apply_rope, softmax_scale
 
@@ -50,15 +51,25 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.wo = nn.Linear(H * self.v_head_dim, args.dim, bias=False)
+        self._derived = Derived()  # inference layouts of the weights above (fastpath.py)
+
+    @property
+    def _plain(self) -> bool:
+        return plain_linears(*(m for m in (getattr(self, n, None) for n in ("wq", "wq_a", "wq_b", "wkv_a"))
+                               if m is not None))
 
     def forward(self, x_BTD, cos, sin, cache=None, mask_BTS=None, impl: str = "naive") -> torch.Tensor:
         """mask_BTS: bool (B, 1, T, S), True where a query may see a key; None means causal."""
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+        if fast_rows(x_BTD, B * T) and self._plain:
+            q, kv_a = self._project_few_rows(x_BTD)
+        else:
+            q = self.wq(x_BTD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+            kv_a = self.wkv_a(x_BTD)
         q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        latent_BTC, k_pe_BTR = self.wkv_a(x_BTD).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent_BTC, k_pe_BTR = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent_BTC = self.kv_norm(latent_BTC)
         k_pe_BTR = apply_rope(k_pe_BTR.unsqueeze(2), cos, sin).squeeze(2)
         if cache is not None:
@@ -86,17 +97,36 @@ class MLA(nn.Module):
             attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=self.softmax_scale)
         return out.transpose(1, 2)[..., :self.v_head_dim]  # (B, T, H, Dv)
 
+    def _project_few_rows(self, x_BTD):
+        """The query and latent projections for one or two rows (`fastpath.py`): wq_a|wkv_a
+        read the same x, so one call over their concatenation; tall weights transposed."""
+        d = self._derived
+        if self.q_lora_rank == 0:
+            return (linear_few_rows(x_BTD, (self.wq.weight,), d, "wq"),
+                    linear_few_rows(x_BTD, (self.wkv_a.weight,), d, "wkv_a"))
+        c_q, kv_a = linear_few_rows(x_BTD, (self.wq_a.weight, self.wkv_a.weight), d, "wq_a|wkv_a").split(
+            [self.q_lora_rank, self.wkv_a.weight.shape[0]], -1)
+        return linear_few_rows(self.q_norm(c_q), (self.wq_b.weight,), d, "wq_b"), kv_a
+
     def _attend_absorbed(self, q_nope, q_pe, latent_BSC, k_pe_BSR, mask):
-        T, S = q_nope.shape[1], latent_BSC.shape[1]
-        wkv_b = self.wkv_b.weight.view(self.n_heads, -1, self.kv_lora_rank)  # (H, Dn+Dv, C)
-        w_k, w_v = wkv_b[:, :self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k.to(q_nope.dtype))
-        scores = (torch.einsum("bthc,bsc->bhts", q_latent, latent_BSC)
-                  + torch.einsum("bthr,bsr->bhts", q_pe, k_pe_BSR)) * self.softmax_scale
+        """Attention in latent space with batched matmuls over rows (token, head): five
+        matmuls in all (the einsum form expands into about 3x the calls, which dominate a
+        decode step on a CPU). wkv_b's key half folds into the query, its value half into
+        the output, both used as views."""
+        B, T, H, Dn = q_nope.shape
+        S, C = latent_BSC.shape[1], self.kv_lora_rank
+        wkv_b = self.wkv_b.weight.view(H, -1, C).to(q_nope.dtype)  # (H, Dn+Dv, C)
+        w_k_HDC, w_v_HCV = wkv_b[:, :Dn], wkv_b[:, Dn:].transpose(1, 2)
+        q_latent_HNC = torch.bmm(q_nope.reshape(B * T, H, Dn).transpose(0, 1), w_k_HDC)  # N = B*T
+        q_latent_BMC = q_latent_HNC.view(H, B, T, C).permute(1, 2, 0, 3).reshape(B, T * H, C)  # M = T*H
+        scores_pe_BMS = torch.bmm(q_pe.reshape(B, T * H, -1), k_pe_BSR.transpose(1, 2))
+        scores_BMS = torch.baddbmm(scores_pe_BMS, q_latent_BMC, latent_BSC.transpose(1, 2),
+                                   beta=self.softmax_scale, alpha=self.softmax_scale)
         if mask is None and T > 1:  # causal, with the T new tokens last among the S keys
-            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(-1).type_as(scores)
-        out_latent = torch.einsum("bhts,bsc->bthc", probs, latent_BSC)
-        return torch.einsum("bthc,hdc->bthd", out_latent, w_v.to(out_latent.dtype))  # (B, T, H, Dv)
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores_BMS.device).tril(S - T)[None, None]
+        if mask is not None:  # (B or 1, 1, T, S): the same for every head
+            scores_BMS = scores_BMS.view(B, T, H, S).masked_fill(~mask.transpose(1, 2), float("-inf")).view(B, T * H, S)
+        probs_BMS = scores_BMS.softmax(-1) if scores_BMS.dtype == torch.float32 else \
+            scores_BMS.float().softmax(-1).type_as(scores_BMS)
+        out_latent_HNC = torch.bmm(probs_BMS, latent_BSC).view(B * T, H, C).transpose(0, 1)
+        return torch.bmm(out_latent_HNC, w_v_HCV).transpose(0, 1).view(B, T, H, -1)  # (B, T, H, Dv)

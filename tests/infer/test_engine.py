@@ -218,3 +218,43 @@ def test_a_failed_prefill_fails_its_request_alone_and_the_engine_goes_on(tiny_ar
     assert held.finish_reason == "error" and engine.cache.n_used == engine.decoder.cache.n_used == 0
     again = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=6))[0]
     assert again.output_ids == reference_greedy(model, [1, 2, 3], 6)
+
+
+def test_decode_threads_default_and_override(monkeypatch):
+    """Decode steps run under DSMOE_DECODE_THREADS torch threads (1 by default); the
+    caller's count is restored afterwards."""
+    from dsmoe.errors import DsmoeError
+    from dsmoe.infer.decoding import decode_thread_count, decode_threads
+    monkeypatch.delenv("DSMOE_DECODE_THREADS", raising=False)
+    assert decode_threads() == 1
+    before = torch.get_num_threads()
+    with decode_thread_count(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("DSMOE_DECODE_THREADS", "2")
+    assert decode_threads() == 2
+    monkeypatch.setenv("DSMOE_DECODE_THREADS", "zero")
+    with pytest.raises(DsmoeError, match="DSMOE_DECODE_THREADS"):
+        decode_threads()
+
+
+def test_compile_without_a_compiler_warns_and_decodes_eagerly(monkeypatch):
+    import dsmoe.infer.decoding as decoding
+    monkeypatch.setattr(decoding.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert decoding.PlainDecoding(compile=True).step_fn is decoding.decode_step
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager(tiny_args, build, tmp_path, monkeypatch):
+    """The compiled step (inductor, cached under TORCHINDUCTOR_CACHE_DIR) gives plain greedy's tokens."""
+    import shutil
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for inductor's CPU backend")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = build(tiny_args.replace(n_mtp_layers=0))
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    eager = [r.output_ids for r in Engine(model, max_batch=2).generate(prompts, params)]
+    compiled = [r.output_ids for r in Engine(model, max_batch=2, compile=True).generate(prompts, params)]
+    assert compiled == eager

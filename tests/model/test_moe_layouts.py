@@ -90,7 +90,8 @@ def test_auto_takes_the_few_token_path_only_at_inference():
 
 
 def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
-    """A decode-sized call under no_grad goes through `few_token_experts` (and gives the loop's output)."""
+    """A few-token call under no_grad goes through `few_token_experts` (and gives the loop's
+    output); one or two tokens on a CPU take the chosen-expert views instead (test_fastpath.py)."""
     args = ModelArgs.from_preset("tiny")
     torch.manual_seed(0)
     moe = MoE(args)
