@@ -43,7 +43,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -57,34 +56,12 @@ from dsmoe.infer.prefix_reuse import PrefixReuse
 from dsmoe.infer.requests import Event, Request, check_prompt, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
 from dsmoe.infer.speculative import MTPSpeculation
+from dsmoe.infer.stats import EngineStats
 from dsmoe.infer.staging import StagedPrompt
 
 log = logging.getLogger("dsmoe.infer.engine")
 
 DEFAULT_MAX_LEN = 8192  # cache positions per request unless asked otherwise (V3's context is 160K)
-
-
-@dataclass
-class EngineStats:
-    prefill_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
-    drafted: int = 0
-    accepted: int = 0
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafted if self.drafted else float("nan")
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
 
 
 class Engine:
