@@ -211,7 +211,8 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     from dsmoe.data.shards import TokenShards, unigram_entropy
     from dsmoe.infer.engine import Engine
     from dsmoe.interop.hf import load_model_dir
-    from dsmoe.train.pretrain import RUN_FILE, read_metrics, train
+    from dsmoe.train.pretrain import train
+    from dsmoe.train.run_dir import RUN_FILE, read_metrics
 
     began = time.perf_counter()
     data_dir, run_dir = Path(out) / DATA_NAME, Path(out) / RUN_NAME

@@ -52,18 +52,13 @@ from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig, load_run_config
 from dsmoe.train.optim import (Diverged, TrainingDiverged, build_optimizer, check_finite, finish_step,
                                lr_at, set_lr)
-from dsmoe.train.run_dir import (CHECKPOINTS, HF_DIR, RUN_FILE, MetricsLog, Progress, check_fresh,
-                                 export_hf, open_training_shards, read_metrics, resume_point,
+from dsmoe.train.run_dir import (CHECKPOINTS, HF_DIR, MetricsLog, Progress, check_fresh,
+                                 export_hf, open_training_shards, resume_point,
                                  run_record, start_run_dir)
 from dsmoe.train.session import LocalTraining, cpu_threads, one_process_session, seed_everything
 
 if TYPE_CHECKING:
     from dsmoe.parallel.training import DistTraining
-
-# RUN_FILE and read_metrics live in run_dir.py; callers of the loop find them here too.
-__all__ = ["RUN_FILE", "TrainResult", "TrainingDiverged", "evaluate", "lm_losses", "read_metrics",
-           "train", "train_step"]
-
 
 @dataclass
 class TrainResult:

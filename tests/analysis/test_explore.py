@@ -13,7 +13,8 @@ from dsmoe.analysis.routing import encode_trace_text, to_json, token_texts, trac
 from dsmoe.cli import main
 from dsmoe.data.prepare import prepare
 from dsmoe.train.config import TrainConfig
-from dsmoe.train.pretrain import read_metrics, train
+from dsmoe.train.pretrain import train
+from dsmoe.train.run_dir import read_metrics
 
 TINY = ModelArgs.from_preset("tiny")
 PROMPT = "alpha beta, gamma!\n\tdelta 12 + 30 = 42 lists 7."

@@ -11,7 +11,8 @@ import pytest
 
 from dsmoe.data import mathgen
 from dsmoe.train.config import load_run_config
-from dsmoe.train.pretrain import read_metrics, train
+from dsmoe.train.pretrain import train
+from dsmoe.train.run_dir import read_metrics
 
 TOL = 1e-5
 RUN = {"model": "tiny", "batch_size": 4, "seq_len": 32, "steps": 4, "warmup_steps": 1,

@@ -13,8 +13,8 @@ from dsmoe.data import mathgen
 from dsmoe.data.prepare import prepare
 from dsmoe.errors import DataError
 from dsmoe.train.config import TrainConfig
-from dsmoe.train.pretrain import read_metrics, train
-from dsmoe.train.run_dir import METRICS_FILE
+from dsmoe.train.pretrain import train
+from dsmoe.train.run_dir import METRICS_FILE, read_metrics
 
 TINY = ModelArgs.from_preset("tiny").replace(n_layers=2, n_mtp_layers=0)
 CFG = dict(batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1, eval_interval=0, eval_batches=1,

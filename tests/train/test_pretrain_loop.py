@@ -22,7 +22,9 @@ from dsmoe.errors import CheckpointError, ConfigError, DataError
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train import pretrain
 from dsmoe.train.config import TrainConfig, load_run_config
-from dsmoe.train.pretrain import TrainingDiverged, lm_losses, read_metrics, train
+from dsmoe.train.optim import TrainingDiverged
+from dsmoe.train.pretrain import lm_losses, train
+from dsmoe.train.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelArgs.from_preset("tiny")
