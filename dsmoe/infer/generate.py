@@ -44,11 +44,6 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]), add_bos=False)
 
 
-def chat_stop_ids(tokenizer) -> list[int]:
-    """The end-of-turn token of our default chat template, when the vocabulary has it."""
-    return end_of_turn_ids(tokenizer)
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory")
     parser.add_argument("--prompt", required=True, action="append", metavar="TEXT",
@@ -83,7 +78,7 @@ def run(args) -> int:
                          f"(or use the engine from Python with token ids)")
     if args.chat:
         prompts = [chat_ids(tokenizer, p) for p in args.prompt]
-        params.stop_token_ids = chat_stop_ids(tokenizer)
+        params.stop_token_ids = end_of_turn_ids(tokenizer)
     else:
         prompts = [tokenize_prompt(tokenizer, p) for p in args.prompt]
     if len(prompts) == 1:  # stream

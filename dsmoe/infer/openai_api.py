@@ -29,8 +29,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from dsmoe.data.tokenizer import end_of_turn_ids
 from dsmoe.errors import DsmoeError
-from dsmoe.infer.generate import chat_stop_ids
 from dsmoe.infer.requests import Request, check_prompt, tokenize_prompt
 from dsmoe.infer.sampling import MIN_TEMPERATURE, MIN_TOP_P, SEED_RANGE, SamplingParams, is_int, is_number
 
@@ -123,7 +123,7 @@ class OpenAIParser:
         self.tokenizer, self.model_name, self.api_key = tokenizer, model_name, api_key
         self.max_len, self.vocab_size, self.max_prompts = max_len, vocab_size, max_prompts
         # A chat turn ends at EOS (always a stop) or at our default template's end-of-turn token.
-        self.chat_stop_ids = chat_stop_ids(tokenizer)
+        self.chat_stop_ids = end_of_turn_ids(tokenizer)
 
     def check_key(self, authorization: str | None) -> None:
         if self.api_key is None:

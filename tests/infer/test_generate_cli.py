@@ -14,7 +14,8 @@ from dsmoe.cli import main
 from dsmoe.data.tokenizer import train_tokenizer
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.requests import tokenize_prompt
-from dsmoe.infer.generate import chat_ids, chat_stop_ids
+from dsmoe.data.tokenizer import end_of_turn_ids
+from dsmoe.infer.generate import chat_ids
 from dsmoe.infer.sampling import SamplingParams
 from dsmoe.interop.hf import load_model_dir
 
@@ -53,7 +54,7 @@ def test_generate_chat_and_speculative_with_stats(model_dir, capsys):
     assert "decode" in out.err and "drafts accepted" in out.err
     _, tokenizer = load_model_dir(model_dir)
     ref = expected(model_dir, chat_ids(tokenizer, "hi there"), max_tokens=9,
-                   stop_token_ids=chat_stop_ids(tokenizer))
+                   stop_token_ids=end_of_turn_ids(tokenizer))
     assert len(ref.output_ids) == 9 and plain == ref.text + "\n"
 
 
