@@ -52,6 +52,13 @@ def prefill(model, prompts: list[list[int]], cache: LatentCache, rows: range, ch
     return model.logits(last_BD), hidden
 
 
+def prefill_part(model, tokens_1T: torch.Tensor, cache) -> torch.Tensor:
+    """The next positions of a prompt whose start is already in `cache` (one row): hidden
+    states (1, T, D), naive attention, as `forward.prefill` runs each chunk."""
+    h_1TD, _ = model.hidden(tokens_1T, cache, attn_impl="naive")
+    return h_1TD
+
+
 def over_chunks(process: ChunkFn, lengths: list[int], chunk: int, cache: LatentCache, rows: range,
                 keep_all: bool = False):
     """Run `process` over rows of different lengths (longest first), `chunk` positions at a time.

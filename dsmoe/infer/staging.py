@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from dsmoe.infer.cache import LatentCache
+from dsmoe.infer.forward import prefill_part
 from dsmoe.infer.requests import Request
 
 
@@ -54,10 +55,3 @@ class StagedPrompt:
         cache.latent[:, row, :n] = self.cache.latent[:, 0, :n]
         cache.k_pe[:, row, :n] = self.cache.k_pe[:, 0, :n]
         cache.lengths[row] = n
-
-
-def prefill_part(model, tokens_1T: torch.Tensor, cache) -> torch.Tensor:
-    """The next positions of a prompt whose start is already in `cache` (one row): hidden
-    states (1, T, D), naive attention, as `forward.prefill` runs each chunk."""
-    h_1TD, _ = model.hidden(tokens_1T, cache, attn_impl="naive")
-    return h_1TD
