@@ -8,8 +8,9 @@ figures are given as ratios measured side by side in the same rounds.
 Rows (`small` preset, random weights, seed 0, fp32, no MTP unless --model):
 - `step`: one decode step (`forward.decode_step`, prompt of 64 tokens, the step rewound
   after each call so every call does the same work) at batch 1, 2 and 8, with the few-row
-  CPU paths (`dsmoe/model/fastpath.py`) and without them (the ordinary paths, the
-  reference), and compiled when `--compile` (inductor; compile time reported apart);
+  CPU paths (`dsmoe/model/fastpath.py`) on the native kernels (`fast`), on torch's kernels
+  (`fast-torch`) and without them (the ordinary paths, the `reference`), and compiled when
+  `--compile` (inductor; compile time reported apart);
 - `engine`: tokens/s of `Engine.generate` at batch 1 and 8 ((time for N tokens - time for
   1) / (N - 1) steps, as bench/decode.py measures), thread CPU time and wall time;
 - `threads`: wall time of a batch-1 step with 1 and with 2 torch threads (the decode
@@ -48,6 +49,10 @@ try:  # absent in checkouts before the few-row paths (a before/after run)
     from dsmoe.model import fastpath
 except ImportError:
     fastpath = None
+try:  # absent in checkouts before the native kernels
+    from dsmoe import kernels
+except ImportError:
+    kernels = None
 
 
 def clock(kind: str):
@@ -95,6 +100,8 @@ def step_rows(model, batches=(1, 2, 8), steps: int = 20, rounds: int = 7, compil
             return go
 
         jobs = {"fast": run(decode_step, contextlib.nullcontext)}
+        if with_reference and kernels is not None and kernels.available():
+            jobs["fast-torch"] = run(decode_step, kernels.disabled)  # few-row paths, torch's kernels
         if with_reference:
             jobs["reference"] = run(decode_step, reference_paths)
         if compile_step:

@@ -32,9 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows up to which the layouts here pay (measured: the head's transposed layout wins at M <= 2
-# and ties at M = 4; the chosen-expert views lose to the ragged path at batch 8).
+from dsmoe import kernels
+
+# Rows up to which the torch layouts here pay (measured: the head's transposed layout wins at
+# M <= 2 and ties at M = 4; the chosen-expert views lose to the ragged path at batch 8). The
+# native kernels (`dsmoe/kernels`) read each weight once per 8 rows and beat BLAS up to 8.
 FAST_MAX_ROWS = 2
+
+
+def max_rows() -> int:
+    """Rows up to which the few-row paths run: 8 with the native kernels, 2 without."""
+    return kernels.MAX_ROWS if kernels.available() else FAST_MAX_ROWS
 
 
 _enabled = True
@@ -59,7 +67,7 @@ def fast_rows(x: torch.Tensor, n_rows: int) -> bool:
     """Whether a call over `n_rows` rows of `x` takes the few-row CPU inference path."""
     # Tracing first: a traced call must not guard on its (dynamic) row count.
     return (_enabled and not torch.compiler.is_compiling() and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and n_rows <= FAST_MAX_ROWS)
+            and not torch.is_grad_enabled() and n_rows <= max_rows())
 
 
 def plain_linears(*modules) -> bool:
@@ -97,9 +105,14 @@ def is_tall(weight: torch.Tensor) -> bool:
     return weight.shape[0] >= 2 * weight.shape[1]
 
 
+def _stacked(*weights: torch.Tensor) -> torch.Tensor:
+    """The rows of `weights` as one matrix (for weights that read the same input)."""
+    return torch.cat(weights, 0)
+
+
 def _layout(*weights: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The rows of `weights` stacked (one matrix for inputs they share), transposed when tall."""
-    w = weights[0] if len(weights) == 1 else torch.cat(weights, 0)
+    """The rows of `weights` stacked, transposed when tall (the torch few-row layout)."""
+    w = weights[0] if len(weights) == 1 else _stacked(*weights)
     return (w.t().contiguous(), True) if is_tall(w) else (w, False)
 
 
@@ -107,6 +120,9 @@ def linear_few_rows(x: torch.Tensor, weights: tuple[torch.Tensor, ...], derived:
     """F.linear(x, cat(weights)) for few rows: one call over weights that read the same x,
     tall ones through their transposed copy (built once per weight version, from the
     parameters themselves, so no derived tensor is ever keyed on another derived one)."""
+    if kernels.supports(x, *weights):  # the weight as it is (concatenated if several): no transpose
+        w = weights[0] if len(weights) == 1 else derived.get(name + "|native", _stacked, *weights)
+        return kernels.linear(x, w)
     w, transposed = derived.get(name, _layout, *weights)
     return x @ w.to(x.dtype) if transposed else F.linear(x, w.to(x.dtype))
 
@@ -126,6 +142,8 @@ def chosen_expert_views(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: to
     place (`addmv_` with the routing weight as alpha: scale and add in one call). With
     `derived`, the per-expert views are made once (`unbind`) rather than selected per call.
     Inference only: the routing weights are read as numbers, so the gate gets no gradient."""
+    if kernels.supports(x_TD, w1_EFD, w3_EFD, w2_EDF):
+        return kernels.experts(x_TD, ids_TK, weights_TK, w1_EFD, w3_EFD, w2_EDF)
     dtype = x_TD.dtype
     if derived is not None and all(w.dtype == dtype for w in (w1_EFD, w3_EFD, w2_EDF)):
         w1s, w3s, w2s = derived.get("expert_views", lambda a, b, c: (a.unbind(0), b.unbind(0), c.unbind(0)),

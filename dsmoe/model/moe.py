@@ -43,7 +43,7 @@ from torch import nn
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
 from dsmoe.model import fastpath
-from dsmoe.model.fastpath import FAST_MAX_ROWS, Derived, chosen_expert_views
+from dsmoe.model.fastpath import Derived, chosen_expert_views
 from dsmoe.model.layers import SwiGLU
 
 EXPERT_IMPLS = ("grouped", "ragged", "views", "loop")
@@ -61,7 +61,7 @@ def resolve_expert_impl(impl: str, n_tokens: int, grad_enabled: bool, on_cpu: bo
     if impl == "auto":
         if grad_enabled or n_tokens > RAGGED_MAX_TOKENS:
             return "grouped"
-        return "views" if on_cpu and fastpath.enabled() and n_tokens <= FAST_MAX_ROWS else "ragged"
+        return "views" if on_cpu and fastpath.enabled() and n_tokens <= fastpath.max_rows() else "ragged"
     if impl not in EXPERT_IMPLS:
         raise DsmoeError(f"expert impl {impl!r}: choose 'auto' or one of {EXPERT_IMPLS}")
     return impl

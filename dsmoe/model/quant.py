@@ -6,9 +6,10 @@ per row o, in bf16; q is computed against the bf16-rounded scale, so q * s is th
 weight exactly and the only error is q's rounding (at most s/2 per element).
 
 Notable:
-- Dequantised inside the matmul, never as a copy of the model: with a few rows (decode)
-  on a CPU, `torch._weight_int8pack_mm` reads the int8 weight directly (bf16 activations,
-  about 4x faster than an fp32 matmul at batch 1, which is memory-bound); with many rows
+- Dequantised inside the matmul, never as a copy of the model: with up to 8 rows (decode)
+  on a CPU, the native kernel (`dsmoe/kernels`) reads the int8 weight directly with fp32
+  activations (about 6x an fp32 BLAS matvec at batch 1, which is memory-bound; without a C
+  compiler, `torch._weight_int8pack_mm` with bf16 activations, up to 16 rows); with many rows
   (prefill) or on CUDA, one layer's weight is converted to the activation dtype for its
   matmul and dropped, then the output scaled by s.
 - `quantize_modules` swaps modules of a model on the meta device, before any storage
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import kernels
 from dsmoe.errors import ConfigError
 from dsmoe.model.moe import RoutedExperts
 from dsmoe.model.sparse_experts import SparseExperts
@@ -59,6 +61,8 @@ def int8_linear(x: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> t
     """x Wᵀ for W = q * scale, without a full-precision copy of W beyond this one matmul."""
     lead, I = x.shape[:-1], x.shape[-1]
     x_RI = x.reshape(-1, I)
+    if x_RI.shape[0] <= kernels.MAX_ROWS and kernels.supports(x_RI, q_OI):
+        return kernels.linear(x_RI, q_OI, scale_O).view(*lead, q_OI.shape[0])
     if x.device.type == "cpu" and x_RI.shape[0] <= KERNEL_MAX_ROWS:
         y = torch._weight_int8pack_mm(x_RI.to(SCALE_DTYPE).contiguous(), q_OI, scale_O).to(x.dtype)
     else:
@@ -115,6 +119,14 @@ class Int8Experts(SparseExperts):
     def expert(self, e: int) -> tuple[Int8Weight, Int8Weight, Int8Weight]:
         return tuple(Int8Weight(getattr(self, n + "_q")[e], getattr(self, n + "_scale")[e])
                      for n in ("w1_EFD", "w3_EFD", "w2_EDF"))
+
+    def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
+        names = ("w1_EFD", "w3_EFD", "w2_EDF")
+        qs = [getattr(self, n + "_q") for n in names]
+        if (x_TD.shape[0] <= kernels.MAX_ROWS and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and kernels.supports(x_TD, *qs)):  # each chosen expert's int8 rows read in place, once
+            return kernels.experts(x_TD, ids_TK, weights_TK, *qs, tuple(getattr(self, n + "_scale") for n in names))
+        return super().forward(x_TD, ids_TK, weights_TK, load_E)
 
 
 def quantize_modules(model: nn.Module, mode: str = "int8") -> nn.Module:
