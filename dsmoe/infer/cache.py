@@ -99,6 +99,13 @@ class _LayerCache:
         S = v.max_length() + positions_BT.shape[1]
         return c.latent[self.index, v.start:v.stop, :S], c.k_pe[self.index, v.start:v.stop, :S]
 
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a kernel that writes the new tokens itself (`update` then is not called): this
+        layer's rows, latent (B, max_len, C) and k_pe (B, max_len, R), and the new tokens'
+        positions (B, T). Keys a token may see are its row's positions up to its own."""
+        v, c = self.view, self.view.cache
+        return c.latent[self.index, v.start:v.stop], c.k_pe[self.index, v.start:v.stop], v._pending
+
 
 class LatentCache:
     """A pool of rows x max_len positions x layers of (latent, k_pe).

@@ -21,20 +21,14 @@
 #include <immintrin.h>
 #endif
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#include "kernels.h"
+
 typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
 
-enum { KIND_F32 = 0, KIND_INT8 = 1 };
 enum { MAX_ROWS = 8 };
 /* Weight rows ahead to prefetch: far enough to cover memory latency at one row per
  * ~100 ns, near enough to stay in L1/L2 (measured best among 2, 4, 8 and 16). */
 enum { PREFETCH_ROWS = 8 };
-
-static inline float lane_sum(v16 v) {
-  float s = 0;
-  for (int i = 0; i < 16; i++) s += v[i];
-  return s;
-}
 
 static inline float bf16_to_f32(uint16_t b) {
   uint32_t u = (uint32_t)b << 16;
@@ -42,8 +36,6 @@ static inline float bf16_to_f32(uint16_t b) {
   memcpy(&f, &u, 4);
   return f;
 }
-
-static inline v16 load_f32(const float *p) { return *(const v16 *)p; }
 
 static inline v16 load_i8(const int8_t *p) {
   v16 r;

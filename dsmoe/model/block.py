@@ -2,6 +2,8 @@
 
 The first `n_dense_layers` blocks use a dense SwiGLU (DeepSeek-V3 keeps 3 dense layers);
 the rest use MoE. Blocks are shared by the main stack and the MTP modules.
+A decode step (a few new tokens over the latent cache) on a CPU runs the whole block as one
+native call when it can (`native_block.py`); the modules below are the reference.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelArgs
+from dsmoe.model import native_block
+from dsmoe.model.fastpath import Derived, fast_rows
 from dsmoe.model.layers import RMSNorm, SwiGLU
 from dsmoe.model.mla import MLA
 from dsmoe.model.moe import MoE, RoutingInfo
@@ -23,8 +27,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.is_moe = layer_id >= args.n_dense_layers
         self.ffn = MoE(args) if self.is_moe else SwiGLU(args.dim, args.inter_dim)
+        self._derived = Derived()  # the native kernel's description of this block (native_block.py)
 
     def forward(self, x, cos, sin, cache=None, mask=None, impl="naive") -> tuple[torch.Tensor, RoutingInfo | None]:
+        if impl == "absorb" and cache is not None and fast_rows(x, x.shape[0] * x.shape[1]):
+            done = native_block.forward(self, x, cos, sin, cache)  # one call; None: not taken
+            if done is not None:
+                return done
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask, impl)
         h = self.ffn_norm(x)
         if self.is_moe:

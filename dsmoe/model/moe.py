@@ -267,6 +267,12 @@ class RoutedExperts(nn.Module):
             return experts(x_TD, ids_TK, weights_TK, load_E, self.w1_EFD, self.w3_EFD, self.w2_EDF)
         return self._forward_loop(x_TD, ids_TK, weights_TK)
 
+    def native_weights(self):
+        """(w1, w3, w2), scales) for the native kernels (`dsmoe/kernels`), scales None for
+        fp32; None when the weights are not what they take."""
+        ws = (self.w1_EFD, self.w3_EFD, self.w2_EDF)
+        return (ws, None) if all(w.dtype == torch.float32 and w.is_contiguous() for w in ws) else None
+
     def _forward_grouped(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
         slots = ExpertSlots.plan(ids_TK, load_E, padded=pads_experts(x_TD.device, load_E))
         x_SD = slots.dispatch(x_TD)

@@ -120,6 +120,11 @@ class Int8Experts(SparseExperts):
         return tuple(Int8Weight(getattr(self, n + "_q")[e], getattr(self, n + "_scale")[e])
                      for n in ("w1_EFD", "w3_EFD", "w2_EDF"))
 
+    def native_weights(self):
+        """((q1, q3, q2), (s1, s3, s2)) for the native kernels (`dsmoe/kernels`)."""
+        names = ("w1_EFD", "w3_EFD", "w2_EDF")
+        return tuple(getattr(self, n + "_q") for n in names), tuple(getattr(self, n + "_scale") for n in names)
+
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
         names = ("w1_EFD", "w3_EFD", "w2_EDF")
         qs = [getattr(self, n + "_q") for n in names]

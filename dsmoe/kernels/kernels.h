@@ -1,0 +1,58 @@
+/* What the kernel files share: the weight descriptor and the few-row matmul. */
+#ifndef DSMOE_KERNELS_H
+#define DSMOE_KERNELS_H
+#include <math.h>
+#include <stdint.h>
+
+enum { KIND_F32 = 0, KIND_INT8 = 1 };
+
+/* 16 floats: AVX-512 register, two AVX2 ones, four NEON ones (-march=native decides). */
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+/* A tree over halves (4 vector adds), not 15 dependent scalar ones. */
+static inline float lane_sum(v16 v) {
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline v16 load_f32(const float *p) { return *(const v16 *)p; }
+
+/* sum a[i] b[i] in 16 lanes, then the lanes (the compiler does not reorder a float sum). */
+static inline float dot(const float *a, const float *b, int64_t n) {
+  v16 acc = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc += load_f32(a + i) * load_f32(b + i);
+  float s = lane_sum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* One weight matrix (rows x cols, contiguous): fp32, or int8 with one bf16 scale per row. */
+typedef struct {
+  const void *data;
+  const uint16_t *scale; /* NULL for fp32 */
+  int64_t rows, cols;
+  int64_t kind;
+} dsmoe_weight;
+
+void dsmoe_linear(const float *x, int64_t ldx, int64_t M, const void *w, const uint16_t *scale,
+                  int kind, int64_t N, int64_t K, float *y, int64_t ldy);
+
+static inline void apply_weight(const dsmoe_weight *w, const float *x, int64_t ldx, int64_t M, float *y,
+                                int64_t ldy) {
+  dsmoe_linear(x, ldx, M, w->data, w->scale, (int)w->kind, w->rows, w->cols, y, ldy);
+}
+
+/* x <- x / rms(x) * weight, as torch's F.rms_norm in fp32. */
+static inline void rms_norm_row(float *x, const float *weight, int64_t n, float eps) {
+  double ss = 0; /* double: the sum of n squares loses nothing, whatever n */
+  for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+  float inv = 1.0f / sqrtf((float)(ss / n) + eps);
+  for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * weight[i];
+}
+#endif

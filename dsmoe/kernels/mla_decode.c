@@ -1,0 +1,96 @@
+/* Multi-head Latent Attention for a few new tokens over the latent cache, in one call
+ * (what `MLA.forward` with `impl="absorb"` computes; dsmoe/model/mla.py has the math).
+ *
+ * Per new token: the query and latent projections, q_norm and kv_norm, the rotary parts
+ * rotated (interleaved pairs), the latent and k_pe written into the cache at the token's
+ * position, then per head the query folded into latent space through wkv_b's key half,
+ * scores over every cached position up to the token's own, softmax, the weighted latent
+ * sum, wkv_b's value half, and finally wo over all heads.
+ * Why one call: done op by op from Python this is ~40 tensor operations per layer, each
+ * costing more than its arithmetic on a CPU; here it is bound by reading the weights.
+ * Not here: many tokens (prefill runs the expanded form, BLAS-bound), fp16/bf16 caches.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static inline void rope_pairs(float *x, const float *cos, const float *sin, int64_t n_pairs) {
+  for (int64_t i = 0; i < n_pairs; i++) {
+    float e = x[2 * i], o = x[2 * i + 1];
+    x[2 * i] = e * cos[i] - o * sin[i];
+    x[2 * i + 1] = e * sin[i] + o * cos[i];
+  }
+}
+
+/* x: (M, D) normalised inputs, M = B * T, token i of row b = i / T at positions[i].
+ * wq_a may be NULL (no query compression: wq_b is then wq over x).
+ * latent: row b's cache at latent + b * latent_row_stride, position p at + p * C (fp32);
+ * likewise k_pe with R. cos/sin: (M, R / 2), each token's rotation. out: (M, D).
+ * Returns 0, or -1 when out of memory. */
+int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *wq_a, const float *q_norm,
+                     const dsmoe_weight *wq_b, const dsmoe_weight *wkv_a, const float *kv_norm,
+                     const float *wkv_b, const dsmoe_weight *wo, int64_t H, int64_t Dn, int64_t R,
+                     int64_t Dv, int64_t C, float q_eps, float kv_eps, float softmax_scale, const float *cos,
+                     const float *sin, float *latent, float *k_pe, int64_t latent_row_stride,
+                     int64_t k_pe_row_stride, const int64_t *positions, float *out) {
+  const int64_t D = wkv_a->cols, Dq = Dn + R, QL = wq_a ? wq_a->rows : 0;
+  int64_t max_pos = 0;
+  for (int64_t i = 0; i < M; i++) max_pos = positions[i] > max_pos ? positions[i] : max_pos;
+  float *cq = malloc(sizeof(float) * (size_t)(M * QL + M * H * Dq + M * (C + R) + M * H * Dv + C + max_pos + 1));
+  if (!cq) return -1;
+  float *q = cq + M * QL, *kv = q + M * H * Dq, *ov = kv + M * (C + R), *q_lat = ov + M * H * Dv;
+  float *p = q_lat + C;
+  (void)D;
+
+  if (wq_a) {
+    apply_weight(wq_a, x, wq_a->cols, M, cq, QL);
+    for (int64_t i = 0; i < M; i++) rms_norm_row(cq + i * QL, q_norm, QL, q_eps);
+    apply_weight(wq_b, cq, QL, M, q, H * Dq);
+  } else {
+    apply_weight(wq_b, x, wq_b->cols, M, q, H * Dq);
+  }
+  apply_weight(wkv_a, x, wkv_a->cols, M, kv, C + R);
+
+  /* Every new token into the cache first: a token sees the row's earlier new tokens. */
+  for (int64_t i = 0; i < M; i++) {
+    int64_t b = i / T, pos = positions[i];
+    float *row = kv + i * (C + R);
+    rms_norm_row(row, kv_norm, C, kv_eps);
+    rope_pairs(row + C, cos + i * (R / 2), sin + i * (R / 2), R / 2);
+    memcpy(latent + b * latent_row_stride + pos * C, row, sizeof(float) * (size_t)C);
+    memcpy(k_pe + b * k_pe_row_stride + pos * R, row + C, sizeof(float) * (size_t)R);
+  }
+
+  for (int64_t i = 0; i < M; i++) {
+    int64_t b = i / T, pos = positions[i];
+    const float *lat = latent + b * latent_row_stride, *kp = k_pe + b * k_pe_row_stride;
+    for (int64_t h = 0; h < H; h++) {
+      float *qh = q + i * H * Dq + h * Dq;
+      rope_pairs(qh + Dn, cos + i * (R / 2), sin + i * (R / 2), R / 2);
+      const float *w_k = wkv_b + h * (Dn + Dv) * C; /* (Dn, C): the key half of head h */
+      memset(q_lat, 0, sizeof(float) * (size_t)C);
+      for (int64_t d = 0; d < Dn; d++) {
+        const float a = qh[d], *wr = w_k + d * C;
+        for (int64_t c = 0; c < C; c++) q_lat[c] += a * wr[c];
+      }
+      float top = -INFINITY;
+      for (int64_t s = 0; s <= pos; s++) {
+        p[s] = softmax_scale * (dot(q_lat, lat + s * C, C) + dot(qh + Dn, kp + s * R, R));
+        top = p[s] > top ? p[s] : top;
+      }
+      float total = 0;
+      for (int64_t s = 0; s <= pos; s++) total += (p[s] = expf(p[s] - top));
+      memset(q_lat, 0, sizeof(float) * (size_t)C); /* now the output in latent space */
+      for (int64_t s = 0; s <= pos; s++) {
+        const float a = p[s] / total, *ls = lat + s * C;
+        for (int64_t c = 0; c < C; c++) q_lat[c] += a * ls[c];
+      }
+      const float *w_v = w_k + Dn * C; /* (Dv, C): the value half */
+      dsmoe_linear(q_lat, C, 1, w_v, NULL, KIND_F32, Dv, C, ov + i * H * Dv + h * Dv, Dv);
+    }
+  }
+  apply_weight(wo, ov, H * Dv, M, out, wo->rows);
+  free(cq);
+  return 0;
+}

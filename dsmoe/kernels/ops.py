@@ -1,0 +1,150 @@
+"""What the native kernels compute, as functions of tensors (the C is in `*.c` here).
+
+- `linear`: y = x Wᵀ for a few rows, W fp32 or int8 with per-row bf16 scales;
+- `experts`: the routed experts of a few tokens, each chosen expert once over its tokens;
+- `block_decode`: one Transformer block for a few new tokens over the latent cache (norms,
+  MLA, residuals, the dense or MoE feed-forward), described once by a `Block` structure.
+Callers check `supports(...)` first and keep their torch path for everything else.
+Not here: building and loading (`build.py`).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from dsmoe.kernels import build
+
+MAX_ROWS = 8  # the kernels' row block (few_rows.c MAX_ROWS); more rows are taken 8 at a time
+KIND_F32, KIND_INT8 = 0, 1
+
+
+class Weight(ctypes.Structure):
+    """kernels.h `dsmoe_weight`: one matrix, fp32 or int8 with per-row bf16 scales."""
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("kind", ctypes.c_int64)]
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.dsmoe_linear.argtypes = [p, i64, i64, p, p, c_int, i64, i64, p, i64]
+    lib.dsmoe_linear.restype = None
+    lib.dsmoe_experts.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, p, p, c_int, i64, i64, p]
+    lib.dsmoe_experts.restype = c_int
+    lib.dsmoe_block_decode.argtypes = [ctypes.POINTER(Block), p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p]
+    lib.dsmoe_block_decode.restype = c_int
+
+
+def available() -> bool:
+    """Whether the native kernels can be used (built or loaded on the first call)."""
+    return _lib() is not None
+
+
+def supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `x` and `weights` are what the kernels take: CPU, fp32 activations, fp32 or
+    int8 contiguous weights (checked per call; cheap attribute reads)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and available()
+            and all(w.device.type == "cpu" and w.dtype in (torch.float32, torch.int8) and w.is_contiguous()
+                    for w in weights))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ (times `scale` per output when W is int8) over x's last dimension."""
+    x2 = _rows(x)
+    N, K = w.shape
+    y = torch.empty(x2.shape[0], N)
+    kind = KIND_INT8 if w.dtype == torch.int8 else KIND_F32
+    _lib().dsmoe_linear(x2.data_ptr(), x2.stride(0), x2.shape[0], w.data_ptr(),
+                      scale.data_ptr() if scale is not None else None, kind, N, K, y.data_ptr(), N)
+    return y.view(*x.shape[:-1], N)
+
+
+def experts(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+            w1_EFD: torch.Tensor, w3_EFD: torch.Tensor, w2_EDF: torch.Tensor,
+            scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The routed experts' weighted sum for a few tokens (see few_rows.c `dsmoe_experts`);
+    `scales` (per-row bf16 of w1, w3, w2) when the expert weights are int8."""
+    x = x_TD.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    weights = weights_TK.to(torch.float32).contiguous()
+    E, F_, D = w1_EFD.shape
+    y = torch.empty(x.shape[0], D)
+    s1, s3, s2 = (s.data_ptr() for s in scales) if scales is not None else (None, None, None)
+    status = _lib().dsmoe_experts(x.data_ptr(), x.shape[0], D, ids.data_ptr(), weights.data_ptr(), ids.shape[1],
+                                w1_EFD.data_ptr(), w3_EFD.data_ptr(), w2_EDF.data_ptr(), s1, s3, s2,
+                                KIND_INT8 if scales is not None else KIND_F32, E, F_, y.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"native experts kernel failed (expert ids outside [0, {E}) or out of memory)")
+    return y
+
+
+_declared: set[int] = set()
+
+
+def weight_of(module) -> Weight:
+    """The descriptor of a linear layer's weight: `nn.Linear` (fp32) or a weight-only int8
+    layer (`weight_q` int8, `weight_scale` bf16 per row: `dsmoe/model/quant.py`)."""
+    q = getattr(module, "weight_q", None)
+    if q is not None:
+        return Weight(q.data_ptr(), module.weight_scale.data_ptr(), q.shape[0], q.shape[1], KIND_INT8)
+    w = module.weight
+    return Weight(w.data_ptr(), None, w.shape[0], w.shape[1], KIND_F32)
+
+
+def takes_linears(*modules) -> bool:
+    """Whether every module's weight is one the kernels read: fp32 or int8, contiguous, on the CPU."""
+    for m in modules:
+        w = getattr(m, "weight_q", None)
+        w = getattr(m, "weight", None) if w is None else w
+        if not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.int8) \
+                or not w.is_contiguous() or getattr(m, "bias", None) is not None:
+            return False
+    return True
+
+
+class Block(ctypes.Structure):
+    """block_decode.c `dsmoe_block`: one Transformer block's weights and settings."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "ffn_norm", "q_norm", "kv_norm")] + \
+        [(n, ctypes.c_float) for n in ("eps", "q_eps", "kv_eps", "softmax_scale")] + \
+        [(n, Weight) for n in ("wq_a", "wq_b", "wkv_a", "wo")] + [("wkv_b", ctypes.c_void_p)] + \
+        [(n, ctypes.c_int64) for n in ("heads", "nope_dim", "rope_dim", "v_dim", "kv_rank")] + \
+        [(n, Weight) for n in ("ffn1", "ffn3", "ffn2")] + [("is_moe", ctypes.c_int64)] + \
+        [(n, ctypes.c_void_p) for n in ("gate", "bias")] + \
+        [(n, ctypes.c_int64) for n in ("n_experts", "top_k", "n_groups", "n_limited_groups", "sigmoid_scores",
+                                       "group_top2", "norm_topk")] + [("route_scale", ctypes.c_float)] + \
+        [(n, ctypes.c_void_p) for n in ("w1", "w3", "w2", "s1", "s3", "s2")] + \
+        [(n, ctypes.c_int64) for n in ("expert_kind", "expert_dim")]
+
+
+def block_decode(block: Block, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP: torch.Tensor,
+                 latent_BSC: torch.Tensor, k_pe_BSR: torch.Tensor, positions_BT: torch.Tensor,
+                 top_k: int, n_experts: int):
+    """One block over M = B x T new tokens (block_decode.c), h (M, D) updated in place; the
+    new tokens' latent and k_pe written into the cache rows at `positions_BT`. Returns the
+    MoE routing (ids (M, K), weights (M, K), scores (M, E), load (E,)), or None (dense)."""
+    M = h_MD.shape[0]
+    routing = None
+    if block.is_moe:
+        routing = (torch.empty(M, top_k, dtype=torch.int64), torch.empty(M, top_k), torch.empty(M, n_experts),
+                   torch.empty(n_experts, dtype=torch.int64))
+    ptrs = [r.data_ptr() for r in routing] if routing is not None else [None] * 4
+    status = _lib().dsmoe_block_decode(
+        ctypes.byref(block), h_MD.data_ptr(), M, T, cos_MP.data_ptr(), sin_MP.data_ptr(), latent_BSC.data_ptr(),
+        k_pe_BSR.data_ptr(), latent_BSC.stride(0), k_pe_BSR.stride(0), positions_BT.data_ptr(), *ptrs)
+    if status != 0:
+        raise RuntimeError("native block kernel failed: out of memory, or a routing setting it does not take "
+                           "(at most 64 expert groups, dividing the experts)")
+    return routing
+
+
+def _lib() -> ctypes.CDLL | None:
+    lib = build.library()
+    if lib is not None and id(lib) not in _declared:
+        declare(lib)
+        _declared.add(id(lib))
+    return lib

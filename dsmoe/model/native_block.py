@@ -1,0 +1,122 @@
+"""A Transformer block's decode step in one native call (`dsmoe/kernels/block_decode.c`).
+
+What: for a few new tokens per row over the latent cache (a decode step, a speculative
+verify), `forward(block, x, cos, sin, cache)` runs the whole block (attn_norm, absorbed
+MLA writing the cache, residual, ffn_norm, dense SwiGLU or MoE with its routing,
+residual) as one C call, and returns what `Block.forward` returns; None when the block or
+the call is not one the kernel takes, and the caller then runs the modules.
+
+Why: op by op a block is ~60 tensor operations, each costing more than its arithmetic on
+a CPU, so a batch-1 step spent half its time between kernels. In one call it is bound by
+reading the weights (docs/inference.md, "Decode speed", has the profile).
+
+The kernel reads the weights in place through a `kernels.Block` structure of pointers,
+built once and rebuilt whenever a weight changed (`fastpath.Derived`: identity, address
+and version of each tensor), so nothing is copied and training between generations, or
+`load_state_dict`, is seen. Takes fp32 weights, or the int8 layers of `quant.py`; MLA's
+wkv_b, the norms and the router stay fp32 (as quant keeps them).
+Not here: training (no gradients), CUDA, hooks on submodules (the modules' own forward
+does not run: a forward hook on `block.attn` would not fire, so blocks with hooks are
+left to the modules).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe import kernels
+from dsmoe.model.moe import RoutingInfo
+
+
+def _linears(block) -> list[nn.Module]:
+    at, ffn = block.attn, block.ffn
+    mods = [getattr(at, n) for n in ("wq_a", "wq_b", "wq", "wkv_a", "wo") if hasattr(at, n)]
+    dense = ffn.shared_experts if block.is_moe else ffn
+    return mods + ([dense.w1, dense.w3, dense.w2] if dense is not None else [])
+
+
+def _sources(block) -> tuple[torch.Tensor, ...] | None:
+    """Every tensor the kernel reads, in a fixed order (the Derived key), or None when one is
+    not what it takes."""
+    if not kernels.takes_linears(*_linears(block)):
+        return None
+    at = block.attn
+    tensors = [block.attn_norm.weight, block.ffn_norm.weight, at.kv_norm.weight, at.wkv_b.weight]
+    if at.q_lora_rank:
+        tensors.append(at.q_norm.weight)
+    for m in _linears(block):
+        q = getattr(m, "weight_q", None)
+        tensors += [q, m.weight_scale] if q is not None else [m.weight]
+    if block.is_moe:
+        native = getattr(block.ffn.experts, "native_weights", None)
+        got = native() if native is not None and block.ffn.experts.impl == "auto" else None
+        if got is None:
+            return None
+        weights, scales = got
+        tensors += [block.ffn.gate.weight, block.ffn.gate.bias, *weights, *(scales or ())]
+    if any(t.dtype not in (torch.float32, torch.int8, torch.bfloat16) or not t.is_contiguous() for t in tensors) \
+            or any(t.dtype != torch.float32 for t in tensors[:4]):
+        return None
+    return tuple(tensors)
+
+
+def describe(block, *_sources) -> kernels.Block:
+    """The kernel's description of `block` (pointers into its weights, never copies)."""
+    at = block.attn
+    b = kernels.Block()
+    b.attn_norm, b.ffn_norm = block.attn_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr()
+    b.kv_norm, b.wkv_b = at.kv_norm.weight.data_ptr(), at.wkv_b.weight.data_ptr()
+    b.eps, b.kv_eps, b.softmax_scale = block.attn_norm.eps, at.kv_norm.eps, at.softmax_scale
+    if at.q_lora_rank:
+        b.q_norm, b.q_eps = at.q_norm.weight.data_ptr(), at.q_norm.eps
+        b.wq_a, b.wq_b = kernels.weight_of(at.wq_a), kernels.weight_of(at.wq_b)
+    else:
+        b.wq_b = kernels.weight_of(at.wq)  # wq_a stays empty (rows 0): no query compression
+    b.wkv_a, b.wo = kernels.weight_of(at.wkv_a), kernels.weight_of(at.wo)
+    b.heads, b.nope_dim, b.rope_dim = at.n_heads, at.qk_nope_head_dim, at.qk_rope_head_dim
+    b.v_dim, b.kv_rank = at.v_head_dim, at.kv_lora_rank
+    ffn = block.ffn
+    dense = ffn.shared_experts if block.is_moe else ffn
+    if dense is not None:
+        b.ffn1, b.ffn3, b.ffn2 = (kernels.weight_of(m) for m in (dense.w1, dense.w3, dense.w2))
+    b.is_moe = int(block.is_moe)
+    if block.is_moe:
+        g = ffn.gate
+        (w1, w3, w2), scales = ffn.experts.native_weights()
+        b.gate, b.bias = g.weight.data_ptr(), g.bias.data_ptr()
+        b.n_experts, b.top_k, b.n_groups, b.n_limited_groups = g.n_experts, g.top_k, g.n_groups, g.n_limited_groups
+        b.sigmoid_scores, b.group_top2 = int(g.score_func == "sigmoid"), int(g.topk_method == "noaux_tc")
+        b.norm_topk, b.route_scale = int(g.norm_topk_prob), g.route_scale
+        b.w1, b.w3, b.w2 = w1.data_ptr(), w3.data_ptr(), w2.data_ptr()
+        if scales is not None:
+            b.s1, b.s3, b.s2 = (s.data_ptr() for s in scales)
+        b.expert_kind = kernels.KIND_INT8 if scales is not None else kernels.KIND_F32
+        b.expert_dim = w1.shape[1]
+    return b
+
+
+def _hooked(block) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in (block, block.attn, block.ffn))
+
+
+def forward(block, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache):
+    """`Block.forward` for a few new tokens over a latent cache, in one call: (h, routing),
+    or None when the kernel does not take this block or this call."""
+    storage = getattr(cache, "storage", None)
+    if storage is None or not kernels.supports(x_BTD) or _hooked(block):
+        return None
+    latent, k_pe, positions = storage()
+    if latent.dtype != torch.float32 or latent.device.type != "cpu":
+        return None
+    sources = _sources(block)
+    if sources is None:
+        return None
+    desc = block._derived.get("native_block", lambda *s: describe(block, *s), *sources)
+    B, T, D = x_BTD.shape
+    h = x_BTD.reshape(B * T, D).clone()
+    cos_MP = cos.expand(B, T, -1).reshape(B * T, -1).float().contiguous()
+    sin_MP = sin.expand(B, T, -1).reshape(B * T, -1).float().contiguous()
+    gate = block.ffn.gate if block.is_moe else None
+    routing = kernels.block_decode(desc, h, T, cos_MP, sin_MP, latent, k_pe, positions.contiguous(),
+                                   gate.top_k if gate is not None else 0, gate.n_experts if gate is not None else 0)
+    return h.view(B, T, D), (RoutingInfo(*routing) if routing is not None else None)
