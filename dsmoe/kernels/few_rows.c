@@ -113,19 +113,17 @@ void dsmoe_linear(const float *x, int64_t ldx, int64_t M, const void *w, const u
   }
 }
 
-static inline const void *expert_weight(const void *w, int kind, int64_t e, int64_t n_elems) {
-  return kind == KIND_F32 ? (const void *)((const float *)w + e * n_elems)
-                          : (const void *)((const int8_t *)w + e * n_elems);
-}
-
 /* The routed experts of M tokens: y (M, D) = sum_k weights[t, k] * E_ids[t, k](x[t]) with
- * E_e(x) = w2[e] (silu(w1[e] x) * w3[e] x). w1, w3: (E, F, D), w2: (E, D, F), fp32 or int8
- * (scales s1, s3: (E, F), s2: (E, D)). Each chosen expert runs once over all the tokens that
- * chose it (its weights are read once per call), experts in order of first choice.
+ * E_e(x) = w2[e] (silu(w1[e] x) * w3[e] x), expert e's weights at w1s[e], w3s[e], w2s[e]
+ * ((F, D), (F, D), (D, F), fp32 or int8 with scales s1s[e], s3s[e] (F,), s2s[e] (D,)); only
+ * the chosen experts' entries are read. Each chosen expert runs once over all the tokens
+ * that chose it (its weights are read once per call), experts in order of first choice,
+ * so the result does not depend on where the weights live (resident or paged from disk).
  * Returns 0, or -1 when out of memory or an id is out of range (y is then undefined). */
-int dsmoe_experts(const float *x, int64_t M, int64_t D, const int64_t *ids, const float *weights,
-                  int64_t top_k, const void *w1, const void *w3, const void *w2, const uint16_t *s1,
-                  const uint16_t *s3, const uint16_t *s2, int kind, int64_t E, int64_t F, float *y) {
+int dsmoe_experts_table(const float *x, int64_t M, int64_t D, const int64_t *ids, const float *weights,
+                        int64_t top_k, const void *const *w1s, const void *const *w3s, const void *const *w2s,
+                        const uint16_t *const *s1s, const uint16_t *const *s3s, const uint16_t *const *s2s,
+                        int kind, int64_t E, int64_t F, float *y) {
   float *xs = malloc(sizeof(float) * (size_t)(M * D + 2 * M * F + M * D));
   int64_t *rows = malloc(sizeof(int64_t) * (size_t)(M * top_k));
   float *row_w = malloc(sizeof(float) * (size_t)(M * top_k));
@@ -156,10 +154,11 @@ int dsmoe_experts(const float *x, int64_t M, int64_t D, const int64_t *ids, cons
       memcpy(xs + n * D, x + rows[n] * D, sizeof(float) * (size_t)D);
       n++;
     }
-    dsmoe_linear(xs, D, n, expert_weight(w1, kind, e, F * D), s1 ? s1 + e * F : NULL, kind, F, D, g, F);
-    dsmoe_linear(xs, D, n, expert_weight(w3, kind, e, F * D), s3 ? s3 + e * F : NULL, kind, F, D, u, F);
+    const int q8 = kind == KIND_INT8;
+    dsmoe_linear(xs, D, n, w1s[e], q8 ? s1s[e] : NULL, kind, F, D, g, F);
+    dsmoe_linear(xs, D, n, w3s[e], q8 ? s3s[e] : NULL, kind, F, D, u, F);
     for (int64_t i = 0; i < n * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    dsmoe_linear(g, F, n, expert_weight(w2, kind, e, D * F), s2 ? s2 + e * D : NULL, kind, D, F, o, D);
+    dsmoe_linear(g, F, n, w2s[e], q8 ? s2s[e] : NULL, kind, D, F, o, D);
     for (int64_t i = 0; i < n; i++) {
       float *yt = y + rows[i] * D;
       const float *ot = o + i * D;
@@ -171,5 +170,28 @@ done:
   free(rows);
   free(row_w);
   free(order);
+  return status;
+}
+
+/* dsmoe_experts_table for experts stacked in three tensors: w1, w3 (E, F, D), w2 (E, D, F)
+ * (scales s1, s3 (E, F), s2 (E, D) when int8). */
+int dsmoe_experts(const float *x, int64_t M, int64_t D, const int64_t *ids, const float *weights,
+                  int64_t top_k, const void *w1, const void *w3, const void *w2, const uint16_t *s1,
+                  const uint16_t *s3, const uint16_t *s2, int kind, int64_t E, int64_t F, float *y) {
+  const void **table = malloc(sizeof(void *) * (size_t)(6 * E));
+  if (!table) return -1;
+  const size_t item = kind == KIND_F32 ? sizeof(float) : 1;
+  for (int64_t e = 0; e < E; e++) {
+    table[e] = (const char *)w1 + (size_t)(e * F * D) * item;
+    table[E + e] = (const char *)w3 + (size_t)(e * F * D) * item;
+    table[2 * E + e] = (const char *)w2 + (size_t)(e * D * F) * item;
+    table[3 * E + e] = s1 ? s1 + e * F : NULL;
+    table[4 * E + e] = s3 ? s3 + e * F : NULL;
+    table[5 * E + e] = s2 ? s2 + e * D : NULL;
+  }
+  int status = dsmoe_experts_table(x, M, D, ids, weights, top_k, table, table + E, table + 2 * E,
+                                   (const uint16_t *const *)(table + 3 * E), (const uint16_t *const *)(table + 4 * E),
+                                   (const uint16_t *const *)(table + 5 * E), kind, E, F, y);
+  free(table);
   return status;
 }

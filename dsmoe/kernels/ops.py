@@ -31,6 +31,8 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.dsmoe_linear.restype = None
     lib.dsmoe_experts.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, p, p, c_int, i64, i64, p]
     lib.dsmoe_experts.restype = c_int
+    lib.dsmoe_experts_table.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, p, p, c_int, i64, i64, p]
+    lib.dsmoe_experts_table.restype = c_int
     lib.dsmoe_block_decode.argtypes = [ctypes.POINTER(Block), p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p]
     lib.dsmoe_block_decode.restype = c_int
 
@@ -80,6 +82,37 @@ def experts(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                                 KIND_INT8 if scales is not None else KIND_F32, E, F_, y.data_ptr())
     if status != 0:
         raise RuntimeError(f"native experts kernel failed (expert ids outside [0, {E}) or out of memory)")
+    return y
+
+
+def experts_by_id(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, n_experts: int,
+                  expert) -> torch.Tensor:
+    """`experts` with each chosen expert's weights fetched by `expert(e)` (three fp32 tensors,
+    or three int8 weights with `q` and `scale`): experts kept anywhere (paged from disk).
+    The same C loop as `experts`, so the same bits for the same weights. None when a
+    fetched weight is not one the kernel reads (another dtype, not contiguous)."""
+    x = x_TD.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    weights = weights_TK.to(torch.float32).contiguous()
+    tables = [(ctypes.c_void_p * n_experts)() for _ in range(6)]
+    held, kind, F_ = [], KIND_F32, 0
+    for e in dict.fromkeys(ids.flatten().tolist()):
+        ws = expert(e)
+        held.append(ws)
+        for j, w in enumerate(ws):
+            q = getattr(w, "q", w)
+            if q.dtype not in (torch.float32, torch.int8) or not q.is_contiguous() or q.device.type != "cpu":
+                return None
+            if q.dtype == torch.int8:
+                kind = KIND_INT8
+                tables[3 + j][e] = w.scale.data_ptr()
+            tables[j][e] = q.data_ptr()
+        F_ = getattr(ws[0], "q", ws[0]).shape[0]
+    y = torch.empty(x.shape[0], x.shape[1])
+    status = _lib().dsmoe_experts_table(x.data_ptr(), x.shape[0], x.shape[1], ids.data_ptr(), weights.data_ptr(),
+                                        ids.shape[1], *tables, kind, n_experts, F_, y.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"native experts kernel failed (expert ids outside [0, {n_experts}) or out of memory)")
     return y
 
 

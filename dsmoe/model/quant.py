@@ -125,14 +125,6 @@ class Int8Experts(SparseExperts):
         names = ("w1_EFD", "w3_EFD", "w2_EDF")
         return tuple(getattr(self, n + "_q") for n in names), tuple(getattr(self, n + "_scale") for n in names)
 
-    def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        names = ("w1_EFD", "w3_EFD", "w2_EDF")
-        qs = [getattr(self, n + "_q") for n in names]
-        if (x_TD.shape[0] <= kernels.MAX_ROWS and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and kernels.supports(x_TD, *qs)):  # each chosen expert's int8 rows read in place, once
-            return kernels.experts(x_TD, ids_TK, weights_TK, *qs, tuple(getattr(self, n + "_scale") for n in names))
-        return super().forward(x_TD, ids_TK, weights_TK, load_E)
-
 
 def quantize_modules(model: nn.Module, mode: str = "int8") -> nn.Module:
     """Swap the model's linear, embedding and routed-expert modules for int8 ones, in place.

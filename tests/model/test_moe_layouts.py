@@ -7,6 +7,7 @@ import torch
 import dsmoe.model.moe as moe_module
 from dsmoe import ModelArgs
 from dsmoe.errors import DsmoeError
+from dsmoe.model import fastpath
 from dsmoe.model.moe import RAGGED_MAX_TOKENS, MoE, resolve_expert_impl
 
 
@@ -91,7 +92,8 @@ def test_auto_takes_the_few_token_path_only_at_inference():
 
 def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
     """A few-token call under no_grad goes through `few_token_experts` (and gives the loop's
-    output); one or two tokens on a CPU take the chosen-expert views instead (test_fastpath.py)."""
+    output); up to `fastpath.max_rows()` tokens on a CPU take the chosen-expert views
+    instead (test_fastpath.py)."""
     args = ModelArgs.from_preset("tiny")
     torch.manual_seed(0)
     moe = MoE(args)
@@ -100,7 +102,7 @@ def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
     calls = []
     real = moe_module._few_token_experts_eager
     monkeypatch.setattr(moe_module, "_few_token_experts_eager", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(3, args.dim)
+    x = torch.randn(fastpath.max_rows() + 1, args.dim)
     with torch.no_grad():
         y_auto, _ = moe(x)
         moe.experts.impl = "loop"
