@@ -199,6 +199,16 @@ def seeded_engine(args: ModelArgs) -> tuple[Transformer, Engine]:
     return model, Engine(model, max_batch=8)
 
 
+def decode_cpu_per_token(engine: Engine, prompts: list[list[int]], n: int) -> float:
+    """Process CPU seconds (user + system, all threads) per decoded token of one round."""
+    spent = []
+    for k in (n, 1):
+        start = time.process_time()
+        ours_generate(engine, prompts, k)
+        spent.append(time.process_time() - start)
+    return (spent[0] - spent[1]) / (len(prompts) * (n - 1))
+
+
 def decode_rate(engine: Engine, prompts: list[list[int]], n: int) -> float:
     """Decode tokens/s of one round: B (n - 1) / (time for n new tokens - time for 1)."""
     t1 = timed(lambda: ours_generate(engine, prompts, 1))
@@ -225,7 +235,8 @@ def llamacpp_rows(quick: bool) -> list[dict]:
     P, N, P_long = sizes(quick)
     metrics = ("llamacpp_decode_tokens_per_s_batch1", "llamacpp_decode_tokens_per_s_batch8",
                "llamacpp_prefill_tokens_per_s", "decode_vs_llamacpp_batch1", "decode_vs_llamacpp_batch8",
-               "prefill_vs_llamacpp")
+               "prefill_vs_llamacpp", "llamacpp_decode_cpu_ms_per_token_batch1",
+               "decode_vs_llamacpp_batch1_cpu_time")
     if not llamacpp.available():
         return [{"benchmark": "decode", "metric": m, "value": float("nan"), "unit": "",
                  "note": f"llama.cpp not built in {llamacpp.home()}: {llamacpp.HOW_TO_BUILD}"} for m in metrics]
@@ -236,7 +247,7 @@ def llamacpp_rows(quick: bool) -> list[dict]:
     rounds = 2 if quick else 5
     model, engine = seeded_engine(args)
     one, eight, long = random_prompts(args, 1, P), random_prompts(args, 8, P), random_prompts(args, 1, P_long)[0]
-    theirs, ours = {k: [] for k in metrics[:3]}, {k: [] for k in metrics[:3]}
+    theirs, ours = {k: [] for k in metrics[:3] + metrics[6:7]}, {k: [] for k in metrics[:3] + metrics[6:7]}
     with tempfile.TemporaryDirectory() as tmp:
         # the converter needs a tokenizer; decode speed does not depend on which
         tokenizer = train_tokenizer((d.text for d in iter_default_corpus(200_000)), args.vocab_size)
@@ -257,6 +268,8 @@ def llamacpp_rows(quick: bool) -> list[dict]:
             ours[metrics[1]].append(decode_rate(engine, eight, N))
             theirs[metrics[2]].append(llamacpp.bench_prefill(gguf, threads, P_long))
             ours[metrics[2]].append(prefill_rate(engine, long))
+            theirs[metrics[6]].append(llamacpp.decode_cpu_per_token(gguf, threads, P, N))
+            ours[metrics[6]].append(decode_cpu_per_token(engine, one, N))
     theirs = {k: statistics.median(v) for k, v in theirs.items()}
     ours = {k: statistics.median(v) for k, v in ours.items()}
     note = f"same weights (HF export -> convert_hf_to_gguf.py f32, {convert_s:.0f} s), {threads} threads"
@@ -271,6 +284,14 @@ def llamacpp_rows(quick: bool) -> list[dict]:
     for ratio, metric, target in zip(metrics[3:], metrics[:3], ("; target >= 0.8", "; target >= 0.8", "")):
         rows.append({"benchmark": "decode", "metric": ratio, "value": ours[metric] / theirs[metric], "unit": "x",
                      "note": f"dsmoe {ours[metric]:,.1f} tok/s in the same rounds / llama.cpp{target}"})
+    cpu = metrics[6]
+    rows += [
+        {"benchmark": "decode", "metric": cpu, "value": 1e3 * theirs[cpu], "unit": "ms",
+         "note": f"user + sys of llama-bench -n {32 + N} less -n 32, per token (children rusage)"},
+        {"benchmark": "decode", "metric": metrics[7], "value": theirs[cpu] / ours[cpu], "unit": "x",
+         "note": f"llama.cpp CPU per token / dsmoe's ({1e3 * ours[cpu]:.2f} ms: process CPU time of (N - 1) "
+                 f"steps, same rounds); the steadier figure on a shared machine; target >= 0.8"},
+    ]
     return rows
 
 

@@ -243,6 +243,26 @@ def bench_decode(gguf: Path, threads: int, depth: int, new_tokens: int, root: Pa
     return float(recs[-1]["avg_ts"])
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process so far."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def decode_cpu_per_token(gguf: Path, threads: int, depth: int, new_tokens: int, root: Path | None = None) -> float:
+    """CPU seconds (user + system, all threads) llama-bench spends per decoded token after
+    `depth` cached ones: a run decoding 32 + `new_tokens` tokens less one decoding 32, over
+    `new_tokens` (loading the model and the depth prefill cancel out). On a shared machine
+    this is steadier than tokens/s, which also counts time spent waiting for a core."""
+    spent = []
+    for n in (32 + new_tokens, 32):
+        start = children_cpu_seconds()
+        bench_decode(gguf, threads, depth, n, root)
+        spent.append(children_cpu_seconds() - start)
+    return (spent[0] - spent[1]) / new_tokens
+
+
 def bench_prefill(gguf: Path, threads: int, prompt: int, root: Path | None = None) -> float:
     """llama-bench: prefill tokens/s of one `prompt`-token prompt."""
     recs = _tool_output("llama-bench", ["-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", "0",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench import decode, llamacpp
+from bench import decode, llamacpp, quant
 from dsmoe import ModelArgs, Transformer, save_hf
 from dsmoe.data.tokenizer import train_tokenizer
 from dsmoe.errors import DsmoeError
@@ -38,6 +38,8 @@ def test_rows_say_how_to_build_when_absent(tmp_path, monkeypatch):
     rows = decode.llamacpp_rows(True)
     assert rows and all(math.isnan(r["value"]) for r in rows)
     assert all("python -m bench.llamacpp build" in r["note"] and str(tmp_path) in r["note"] for r in rows)
+    q8 = quant.llamacpp_q8_rows(str(tmp_path), None, [[1]], 2, 1)  # int8 against Q8_0
+    assert q8 and all(math.isnan(r["value"]) and "python -m bench.llamacpp build" in r["note"] for r in q8)
     with pytest.raises(DsmoeError, match="bench.llamacpp build"):
         llamacpp.convert(tmp_path, tmp_path / "x.gguf")
 
