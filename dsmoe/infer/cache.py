@@ -74,6 +74,13 @@ class CacheView:
             self._rows = torch.arange(self.start, self.stop, device=self.cache.device)[:, None]
         return _LayerCache(self, i)
 
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a kernel that writes the new tokens itself (see `_LayerCache.storage`): every
+        layer's rows, latent (layers, B, max_len, C) and k_pe (layers, B, max_len, R), and
+        the new tokens' positions (B, T)."""
+        c = self.cache
+        return c.latent[:, self.start:self.stop], c.k_pe[:, self.start:self.stop], self._pending
+
     def advance(self, n_new: int) -> None:
         self.lengths += n_new
         self._pending = None
@@ -232,6 +239,9 @@ class LatentCache:
 
     def layer(self, i: int) -> _LayerCache:
         return self._view().layer(i)
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._view().storage()
 
     def advance(self, n_new: int) -> None:
         self._view().advance(n_new)

@@ -85,3 +85,28 @@ int dsmoe_block_decode(const dsmoe_block *b, float *h, int64_t M, int64_t T, con
   free(x);
   return status;
 }
+
+/* Blocks [0, n) in order over the same new tokens (a decode step's whole stack): block i's
+ * cache rows at latent + i * latent_layer_stride (likewise k_pe). The routing of the MoE
+ * blocks goes to consecutive slices of ids, weights, scores and load, in block order.
+ * Returns 0, or the failing block's status. */
+int dsmoe_stack_decode(const dsmoe_block *const *blocks, int64_t n, float *h, int64_t M, int64_t T,
+                       const float *cos, const float *sin, float *latent, float *k_pe,
+                       int64_t latent_layer_stride, int64_t k_pe_layer_stride, int64_t latent_row_stride,
+                       int64_t k_pe_row_stride, const int64_t *positions, int64_t *ids, float *weights,
+                       float *scores, int64_t *load) {
+  for (int64_t i = 0; i < n; i++) {
+    const dsmoe_block *b = blocks[i];
+    int status = dsmoe_block_decode(b, h, M, T, cos, sin, latent + i * latent_layer_stride,
+                                    k_pe + i * k_pe_layer_stride, latent_row_stride, k_pe_row_stride, positions,
+                                    ids, weights, scores, load);
+    if (status != 0) return status;
+    if (b->is_moe) {
+      ids += M * b->top_k;
+      weights += M * b->top_k;
+      scores += M * b->n_experts;
+      load += b->n_experts;
+    }
+  }
+  return 0;
+}

@@ -35,6 +35,8 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.dsmoe_experts_table.restype = c_int
     lib.dsmoe_block_decode.argtypes = [ctypes.POINTER(Block), p, i64, i64, p, p, p, p, i64, i64, p, p, p, p, p]
     lib.dsmoe_block_decode.restype = c_int
+    lib.dsmoe_stack_decode.argtypes = [p, i64, p, i64, i64, p, p, p, p, i64, i64, i64, i64, p, p, p, p, p]
+    lib.dsmoe_stack_decode.restype = c_int
 
 
 def available() -> bool:
@@ -173,6 +175,28 @@ def block_decode(block: Block, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor,
         raise RuntimeError("native block kernel failed: out of memory, or a routing setting it does not take "
                            "(at most 64 expert groups, dividing the experts)")
     return routing
+
+
+def stack_decode(blocks: list[Block], h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP: torch.Tensor,
+                 latent_LBSC: torch.Tensor, k_pe_LBSR: torch.Tensor, positions_BT: torch.Tensor,
+                 top_k: int, n_experts: int) -> list:
+    """`block_decode` over blocks 0..L-1 in one call (block_decode.c `dsmoe_stack_decode`),
+    block i over the cache rows latent_LBSC[i] / k_pe_LBSR[i]. Every MoE block routes to
+    `top_k` of `n_experts` (one model). Returns each block's routing (None for dense ones)."""
+    M, n_moe = h_MD.shape[0], sum(b.is_moe for b in blocks)
+    ids, weights = torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k)
+    scores, load = torch.empty(n_moe, M, n_experts), torch.empty(n_moe, n_experts, dtype=torch.int64)
+    table = (ctypes.POINTER(Block) * len(blocks))(*(ctypes.pointer(b) for b in blocks))
+    status = _lib().dsmoe_stack_decode(
+        table, len(blocks), h_MD.data_ptr(), M, T, cos_MP.data_ptr(), sin_MP.data_ptr(), latent_LBSC.data_ptr(),
+        k_pe_LBSR.data_ptr(), latent_LBSC.stride(0), k_pe_LBSR.stride(0), latent_LBSC.stride(1),
+        k_pe_LBSR.stride(1), positions_BT.data_ptr(), ids.data_ptr(), weights.data_ptr(), scores.data_ptr(),
+        load.data_ptr())
+    if status != 0:
+        raise RuntimeError("native block kernel failed: out of memory, or a routing setting it does not take "
+                           "(at most 64 expert groups, dividing the experts)")
+    moe = iter(zip(ids.unbind(0), weights.unbind(0), scores.unbind(0), load.unbind(0)))
+    return [next(moe) if b.is_moe else None for b in blocks]
 
 
 def _lib() -> ctypes.CDLL | None:

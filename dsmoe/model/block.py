@@ -12,7 +12,7 @@ from torch import nn
 
 from dsmoe.config import ModelArgs
 from dsmoe.model import native_block
-from dsmoe.model.fastpath import Derived, fast_rows
+from dsmoe.model.fastpath import fast_rows
 from dsmoe.model.layers import RMSNorm, SwiGLU
 from dsmoe.model.mla import MLA
 from dsmoe.model.moe import MoE, RoutingInfo
@@ -27,7 +27,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.is_moe = layer_id >= args.n_dense_layers
         self.ffn = MoE(args) if self.is_moe else SwiGLU(args.dim, args.inter_dim)
-        self._derived = Derived()  # the native kernel's description of this block (native_block.py)
+        self._native = native_block.PlanSlot()  # the native kernel's description of this block
 
     def forward(self, x, cos, sin, cache=None, mask=None, impl="naive") -> tuple[torch.Tensor, RoutingInfo | None]:
         if impl == "absorb" and cache is not None and fast_rows(x, x.shape[0] * x.shape[1]):

@@ -11,9 +11,11 @@ a CPU, so a batch-1 step spent half its time between kernels. In one call it is 
 reading the weights (docs/inference.md, "Decode speed", has the profile).
 
 The kernel reads the weights in place through a `kernels.Block` structure of pointers,
-built once and rebuilt whenever a weight changed (`fastpath.Derived`: identity, address
-and version of each tensor), so nothing is copied and training between generations, or
-`load_state_dict`, is seen. Takes fp32 weights, or the int8 layers of `quant.py`; MLA's
+built once per block (`Plan`) and rebuilt when a submodule, parameter or buffer is
+replaced or its storage moves (checked each call: identity and address of each, ~10 us;
+walking the modules and checking dtypes each call cost ~190 us). In-place updates
+(optimizer steps, `copy_`) keep the addresses, so the kernel reads the new values without a
+rebuild; nothing is copied. Takes fp32 weights, or the int8 layers of `quant.py`; MLA's
 wkv_b, the norms and the router stay fp32 (as quant keeps them).
 Not here: training (no gradients), CUDA, hooks on submodules (the modules' own forward
 does not run: a forward hook on `block.attn` would not fire, so blocks with hooks are
@@ -28,6 +30,37 @@ from dsmoe import kernels
 from dsmoe.model.moe import RoutingInfo
 
 
+class Plan:
+    """A block's kernel description and what it was built from (see the module note)."""
+    __slots__ = ("desc", "slots", "tensors", "ptrs", "top_k", "n_experts")
+
+    def __init__(self, block, desc: kernels.Block):
+        self.desc = desc
+        self.slots = []  # (container dict, key, object): every submodule, parameter and buffer
+        for module in block.modules():
+            self.slots += [(module._modules, k, v) for k, v in module._modules.items()]
+            self.slots += [(module._parameters, k, v) for k, v in module._parameters.items()]
+            self.slots += [(module._buffers, k, v) for k, v in module._buffers.items()]
+        self.tensors = [v for _, _, v in self.slots if isinstance(v, torch.Tensor)]
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+        gate = block.ffn.gate if block.is_moe else None
+        self.top_k, self.n_experts = (gate.top_k, gate.n_experts) if gate is not None else (0, 0)
+
+    def valid(self) -> bool:
+        return (all(d.get(k) is v for d, k, v in self.slots)
+                and all(t.data_ptr() == p for t, p in zip(self.tensors, self.ptrs)))
+
+
+class PlanSlot:
+    """Where a Block keeps its Plan; a copied model builds its own."""
+
+    def __init__(self):
+        self.plan: Plan | None = None
+
+    def __deepcopy__(self, memo):
+        return PlanSlot()
+
+
 def _linears(block) -> list[nn.Module]:
     at, ffn = block.attn, block.ffn
     mods = [getattr(at, n) for n in ("wq_a", "wq_b", "wq", "wkv_a", "wo") if hasattr(at, n)]
@@ -35,11 +68,10 @@ def _linears(block) -> list[nn.Module]:
     return mods + ([dense.w1, dense.w3, dense.w2] if dense is not None else [])
 
 
-def _sources(block) -> tuple[torch.Tensor, ...] | None:
-    """Every tensor the kernel reads, in a fixed order (the Derived key), or None when one is
-    not what it takes."""
+def _supported(block) -> bool:
+    """Whether every tensor the kernel would read is one it takes."""
     if not kernels.takes_linears(*_linears(block)):
-        return None
+        return False
     at = block.attn
     tensors = [block.attn_norm.weight, block.ffn_norm.weight, at.kv_norm.weight, at.wkv_b.weight]
     if at.q_lora_rank:
@@ -51,16 +83,14 @@ def _sources(block) -> tuple[torch.Tensor, ...] | None:
         native = getattr(block.ffn.experts, "native_weights", None)
         got = native() if native is not None and block.ffn.experts.impl == "auto" else None
         if got is None:
-            return None
+            return False
         weights, scales = got
         tensors += [block.ffn.gate.weight, block.ffn.gate.bias, *weights, *(scales or ())]
-    if any(t.dtype not in (torch.float32, torch.int8, torch.bfloat16) or not t.is_contiguous() for t in tensors) \
-            or any(t.dtype != torch.float32 for t in tensors[:4]):
-        return None
-    return tuple(tensors)
+    return not (any(t.dtype not in (torch.float32, torch.int8, torch.bfloat16) or not t.is_contiguous()
+                    for t in tensors) or any(t.dtype != torch.float32 for t in tensors[:4]))
 
 
-def describe(block, *_sources) -> kernels.Block:
+def describe(block) -> kernels.Block:
     """The kernel's description of `block` (pointers into its weights, never copies)."""
     at = block.attn
     b = kernels.Block()
@@ -99,6 +129,47 @@ def _hooked(block) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in (block, block.attn, block.ffn))
 
 
+def _plan(block) -> Plan | None:
+    """The block's valid plan, rebuilt if needed; None when the kernel does not take it."""
+    plan = block._native.plan
+    if plan is None or not plan.valid() or (block.is_moe and block.ffn.experts.impl != "auto"):
+        plan = block._native.plan = Plan(block, describe(block)) if _supported(block) else None
+    return plan
+
+
+def _rows(x_BTD, cos, sin):
+    B, T, D = x_BTD.shape
+    h = x_BTD.reshape(B * T, D).clone()
+    cos_MP = cos.expand(B, T, -1).reshape(B * T, -1).float().contiguous()
+    sin_MP = sin.expand(B, T, -1).reshape(B * T, -1).float().contiguous()
+    return h, cos_MP, sin_MP
+
+
+def stack_forward(blocks, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot: PlanSlot):
+    """Every block of a stack (`Transformer.layers`, in order) over a few new tokens in one
+    native call: (h, routing of the MoE blocks), or None when one block is not taken (the
+    caller then runs the blocks one by one). `cache.storage()` gives every layer's rows;
+    `slot` keeps the table of the blocks' descriptions."""
+    storage = getattr(cache, "storage", None)
+    if storage is None or not kernels.supports(x_BTD) or any(_hooked(b) for b in blocks):
+        return None
+    latent, k_pe, positions = storage()
+    if latent.dtype != torch.float32 or latent.device.type != "cpu" or latent.shape[0] < len(blocks):
+        return None
+    plans = [_plan(b) for b in blocks]
+    if any(p is None for p in plans):
+        return None
+    table = slot.plan
+    if table is None or len(table[0]) != len(plans) or any(a is not b for a, b in zip(table[0], plans)):
+        table = slot.plan = (plans, [p.desc for p in plans])
+    moe = next((p for p in plans if p.n_experts), None)
+    B, T, D = x_BTD.shape
+    h, cos_MP, sin_MP = _rows(x_BTD, cos, sin)
+    routing = kernels.stack_decode(table[1], h, T, cos_MP, sin_MP, latent, k_pe, positions.contiguous(),
+                                   moe.top_k if moe else 0, moe.n_experts if moe else 0)
+    return h.view(B, T, D), [RoutingInfo(*r) for r in routing if r is not None]
+
+
 def forward(block, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache):
     """`Block.forward` for a few new tokens over a latent cache, in one call: (h, routing),
     or None when the kernel does not take this block or this call."""
@@ -108,15 +179,11 @@ def forward(block, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ca
     latent, k_pe, positions = storage()
     if latent.dtype != torch.float32 or latent.device.type != "cpu":
         return None
-    sources = _sources(block)
-    if sources is None:
+    plan = _plan(block)
+    if plan is None:
         return None
-    desc = block._derived.get("native_block", lambda *s: describe(block, *s), *sources)
     B, T, D = x_BTD.shape
-    h = x_BTD.reshape(B * T, D).clone()
-    cos_MP = cos.expand(B, T, -1).reshape(B * T, -1).float().contiguous()
-    sin_MP = sin.expand(B, T, -1).reshape(B * T, -1).float().contiguous()
-    gate = block.ffn.gate if block.is_moe else None
-    routing = kernels.block_decode(desc, h, T, cos_MP, sin_MP, latent, k_pe, positions.contiguous(),
-                                   gate.top_k if gate is not None else 0, gate.n_experts if gate is not None else 0)
+    h, cos_MP, sin_MP = _rows(x_BTD, cos, sin)
+    routing = kernels.block_decode(plan.desc, h, T, cos_MP, sin_MP, latent, k_pe, positions.contiguous(),
+                                   plan.top_k, plan.n_experts)
     return h.view(B, T, D), (RoutingInfo(*routing) if routing is not None else None)

@@ -27,6 +27,7 @@ from torch import nn
 
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
+from dsmoe.model import native_block
 from dsmoe.model.block import Block
 from dsmoe.model.fastpath import Derived, fast_rows, linear_few_rows, plain_linears
 from dsmoe.model.layers import RMSNorm
@@ -70,6 +71,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._derived = Derived()  # the head's transposed copy for few-row decoding (fastpath.py)
+        self._native_stack = native_block.PlanSlot()  # the blocks' kernel descriptions, as one table
         self.init_weights()
 
     # ------------------------------------------------------------------ set-up
@@ -129,6 +131,11 @@ class Transformer(nn.Module):
         impl = resolve_attn_impl(attn_impl, T, cache is not None)
         cos, sin, mask = self.rope_and_mask(T, cache)
         h = self.embed(tokens_BT)
+        if impl == "absorb" and cache is not None and fast_rows(h, h.shape[0] * T):
+            done = native_block.stack_forward(self.layers, h, cos, sin, cache, self._native_stack)
+            if done is not None:  # the whole stack in one native call (dsmoe/model/native_block.py)
+                cache.advance(T)
+                return done
         routing = []
         for i, layer in enumerate(self.layers):
             h, info = layer(h, cos, sin, cache.layer(i) if cache is not None else None, mask, impl)

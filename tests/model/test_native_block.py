@@ -20,9 +20,11 @@ def built():
 
 @pytest.fixture
 def count_calls(monkeypatch):
+    """Blocks run by the kernel: one per `block_decode` call, one per block of a `stack_decode`."""
     calls = []
-    real = kernels.block_decode
-    monkeypatch.setattr(kernels, "block_decode", lambda *a: calls.append(1) or real(*a))
+    block, stack = kernels.block_decode, kernels.stack_decode
+    monkeypatch.setattr(kernels, "block_decode", lambda *a: calls.append(1) or block(*a))
+    monkeypatch.setattr(kernels, "stack_decode", lambda blocks, *a: calls.extend([1] * len(blocks)) or stack(blocks, *a))
     return calls
 
 
@@ -133,7 +135,8 @@ def test_hooks_and_explicit_expert_impls_run_the_modules(tiny_args, build, count
     model.set_expert_impl("loop")
     assert_same_steps(model, 1, 1)
     assert seen  # the hooked block ran its modules
-    # layer 0 is dense (no expert impl to honour): only it took the kernel, once per step
+    # the stack falls back to block by block; layer 0 is dense (no expert impl to honour):
+    # only it took the kernel, once per step
     assert len(count_calls) == 3
 
 
