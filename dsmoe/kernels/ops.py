@@ -177,16 +177,24 @@ def block_decode(block: Block, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor,
     return routing
 
 
-def stack_decode(blocks: list[Block], h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP: torch.Tensor,
+def block_table(blocks: list[Block]):
+    """The blocks as the C array of pointers `stack_decode` takes (build once, reuse)."""
+    table = (ctypes.POINTER(Block) * len(blocks))(*(ctypes.pointer(b) for b in blocks))
+    table._blocks = blocks  # keep the structures alive with the array
+    return table
+
+
+def stack_decode(table, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP: torch.Tensor,
                  latent_LBSC: torch.Tensor, k_pe_LBSR: torch.Tensor, positions_BT: torch.Tensor,
                  top_k: int, n_experts: int) -> list:
-    """`block_decode` over blocks 0..L-1 in one call (block_decode.c `dsmoe_stack_decode`),
-    block i over the cache rows latent_LBSC[i] / k_pe_LBSR[i]. Every MoE block routes to
-    `top_k` of `n_experts` (one model). Returns each block's routing (None for dense ones)."""
+    """`block_decode` over the blocks of `table` (`block_table`) in one call (block_decode.c
+    `dsmoe_stack_decode`), block i over the cache rows latent_LBSC[i] / k_pe_LBSR[i]. Every
+    MoE block routes to `top_k` of `n_experts` (one model). Returns each block's routing
+    (None for dense ones)."""
+    blocks = table._blocks
     M, n_moe = h_MD.shape[0], sum(b.is_moe for b in blocks)
     ids, weights = torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k)
     scores, load = torch.empty(n_moe, M, n_experts), torch.empty(n_moe, n_experts, dtype=torch.int64)
-    table = (ctypes.POINTER(Block) * len(blocks))(*(ctypes.pointer(b) for b in blocks))
     status = _lib().dsmoe_stack_decode(
         table, len(blocks), h_MD.data_ptr(), M, T, cos_MP.data_ptr(), sin_MP.data_ptr(), latent_LBSC.data_ptr(),
         k_pe_LBSR.data_ptr(), latent_LBSC.stride(0), k_pe_LBSR.stride(0), latent_LBSC.stride(1),

@@ -32,7 +32,7 @@ from dsmoe.model.moe import RoutingInfo
 
 class Plan:
     """A block's kernel description and what it was built from (see the module note)."""
-    __slots__ = ("desc", "slots", "tensors", "ptrs", "top_k", "n_experts")
+    __slots__ = ("desc", "slots", "tensors", "ptrs", "top_k", "n_experts", "hookable")
 
     def __init__(self, block, desc: kernels.Block):
         self.desc = desc
@@ -45,6 +45,11 @@ class Plan:
         self.ptrs = [t.data_ptr() for t in self.tensors]
         gate = block.ffn.gate if block.is_moe else None
         self.top_k, self.n_experts = (gate.top_k, gate.n_experts) if gate is not None else (0, 0)
+        self.hookable = tuple(block.modules())  # the kernel runs none of their forwards
+
+    def hooked(self) -> bool:
+        """Whether a forward hook waits on a module the kernel would skip."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.hookable)
 
     def valid(self) -> bool:
         return (all(d.get(k) is v for d, k, v in self.slots)
@@ -125,8 +130,9 @@ def describe(block) -> kernels.Block:
     return b
 
 
-def _hooked(block) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in (block, block.attn, block.ffn))
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _plan(block) -> Plan | None:
@@ -151,17 +157,17 @@ def stack_forward(blocks, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     caller then runs the blocks one by one). `cache.storage()` gives every layer's rows;
     `slot` keeps the table of the blocks' descriptions."""
     storage = getattr(cache, "storage", None)
-    if storage is None or not kernels.supports(x_BTD) or any(_hooked(b) for b in blocks):
+    if storage is None or not kernels.supports(x_BTD) or _global_hooks():
         return None
     latent, k_pe, positions = storage()
     if latent.dtype != torch.float32 or latent.device.type != "cpu" or latent.shape[0] < len(blocks):
         return None
     plans = [_plan(b) for b in blocks]
-    if any(p is None for p in plans):
+    if any(p is None or p.hooked() for p in plans):
         return None
     table = slot.plan
     if table is None or len(table[0]) != len(plans) or any(a is not b for a, b in zip(table[0], plans)):
-        table = slot.plan = (plans, [p.desc for p in plans])
+        table = slot.plan = (plans, kernels.block_table([p.desc for p in plans]))
     moe = next((p for p in plans if p.n_experts), None)
     B, T, D = x_BTD.shape
     h, cos_MP, sin_MP = _rows(x_BTD, cos, sin)
@@ -174,13 +180,13 @@ def forward(block, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ca
     """`Block.forward` for a few new tokens over a latent cache, in one call: (h, routing),
     or None when the kernel does not take this block or this call."""
     storage = getattr(cache, "storage", None)
-    if storage is None or not kernels.supports(x_BTD) or _hooked(block):
+    if storage is None or not kernels.supports(x_BTD) or _global_hooks():
         return None
     latent, k_pe, positions = storage()
     if latent.dtype != torch.float32 or latent.device.type != "cpu":
         return None
     plan = _plan(block)
-    if plan is None:
+    if plan is None or plan.hooked():
         return None
     B, T, D = x_BTD.shape
     h, cos_MP, sin_MP = _rows(x_BTD, cos, sin)

@@ -24,7 +24,7 @@ def count_calls(monkeypatch):
     calls = []
     block, stack = kernels.block_decode, kernels.stack_decode
     monkeypatch.setattr(kernels, "block_decode", lambda *a: calls.append(1) or block(*a))
-    monkeypatch.setattr(kernels, "stack_decode", lambda blocks, *a: calls.extend([1] * len(blocks)) or stack(blocks, *a))
+    monkeypatch.setattr(kernels, "stack_decode", lambda table, *a: calls.extend([1] * len(table)) or stack(table, *a))
     return calls
 
 
@@ -147,3 +147,15 @@ def test_weights_changed_in_place_are_seen(tiny_args, build):
         for p in model.parameters():
             p.mul_(1.5)  # an optimizer-style in-place write: same storage, new version
     assert_same_steps(model, 1, 1, atol=1e-4)
+
+
+def test_a_global_forward_hook_runs_the_modules(tiny_args, build, count_calls):
+    from torch.nn.modules.module import register_module_forward_hook
+    model = build(tiny_args)
+    seen = []
+    handle = register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        assert_same_steps(model, 1, 1)
+    finally:
+        handle.remove()
+    assert "MLA" in seen and not count_calls
