@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import torch
 
+from dsmoe import kernels
 from dsmoe.errors import DsmoeError
 from dsmoe.infer.cache import CacheView, LatentCache
 from dsmoe.infer.decoding import Decoded, decode_thread_count
 from dsmoe.infer.forward import over_chunks, pad_rows
 from dsmoe.infer.requests import Request, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, draw, probs, uniform
+from dsmoe.model.fastpath import Derived
+from dsmoe.model.quant import quantize_rows
 
 # Shape legend: B rows, V vocabulary, D model dim, N drafts per row, M = N + 1 verified positions.
 
@@ -78,8 +81,28 @@ def make_drafts(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor
     return d_B, q_BV
 
 
+class DraftHead:
+    """The output head drafts are drawn with: on a CPU with the native kernels, an int8 copy
+    of the model's fp32 head (per-row scales, `quant.quantize_rows`; a quarter of the bytes,
+    the largest matrix a draft reads), rebuilt whenever the head changes; otherwise the
+    model's own MTP head. A draft only has to be likely: the verify pass decides, and
+    `accept` uses the distribution q the draft was drawn from, so greedy output stays plain
+    greedy's and sampled output keeps exactly the target distribution."""
+
+    def __init__(self):
+        self._derived = Derived()
+
+    def logits(self, model, h_BD: torch.Tensor) -> torch.Tensor:
+        w = getattr(model.head, "weight", None)
+        if (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and h_BD.shape[0] <= kernels.MAX_ROWS
+                and kernels.supports(h_BD, w)):
+            q, scale = self._derived.get("head_int8", quantize_rows, w)
+            return kernels.linear(model.mtp[0].norm(h_BD), q, scale)
+        return model.mtp_logits(1, h_BD)
+
+
 def verify_and_draft(model, pending_B: torch.Tensor, drafts_B: torch.Tensor, q_BV: torch.Tensor,
-                     main: CacheView, mtp: CacheView, s: SamplingBatch):
+                     main: CacheView, mtp: CacheView, s: SamplingBatch, draft_head: DraftHead | None = None):
     """One speculative step over rows with pending token t_n and draft d (see the module note).
     Returns (accepted (B,), next token (B,), next draft (B,), its distribution (B, V))."""
     B = pending_B.shape[0]
@@ -93,7 +116,7 @@ def verify_and_draft(model, pending_B: torch.Tensor, drafts_B: torch.Tensor, q_B
     h_B2D, _ = model.mtp_hidden(1, hidden_B2D, mtp_tokens_B2, mtp)
     mtp.rewind((1 - n_acc_B).cpu())
     h_BD = h_B2D[torch.arange(B, device=h_B2D.device), n_acc_B]
-    d_B, q_next_BV = make_drafts(model.mtp_logits(1, h_BD), s)
+    d_B, q_next_BV = make_drafts(draft_head.logits(model, h_BD) if draft_head else model.mtp_logits(1, h_BD), s)
     return n_acc_B, next_B, d_B, q_next_BV
 
 
@@ -106,6 +129,7 @@ class MTPSpeculation:
     def __init__(self):
         self.cache: LatentCache | None = None  # the MTP block's, one row per running request
         self.drafts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # request id -> (draft, q)
+        self.draft_head = DraftHead()
 
     def attach(self, model, max_len: int, max_rows: int) -> None:
         args = model.args
@@ -140,7 +164,7 @@ class MTPSpeculation:
             return h, None
 
         h_BD, _ = over_chunks(mtp_chunk, [len(r.prompt_ids) for r in joining], chunk, self.cache, rows)
-        d_B, q_BV = make_drafts(model.mtp_logits(1, h_BD), sampling_batch(joining, self.cache.device))
+        d_B, q_BV = make_drafts(self.draft_head.logits(model, h_BD), sampling_batch(joining, self.cache.device))
         for b, r in enumerate(joining):
             self.drafts[r.id] = (d_B[b], q_BV[b])
 
@@ -151,7 +175,7 @@ class MTPSpeculation:
         pending_B = torch.tensor([r.output_ids[-1] for r in running], device=cache.device)
         with decode_thread_count(cache.device):
             n_acc_B, next_B, d_B, q_next_BV = verify_and_draft(model, pending_B, drafts_B, q_BV, cache,
-                                                               self.cache.rows(0, n), sampling)
+                                                               self.cache.rows(0, n), sampling, self.draft_head)
         tokens = []
         for b, (r, a, d, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_B.tolist(), next_B.tolist())):
             self.drafts[r.id] = (d_B[b], q_next_BV[b])

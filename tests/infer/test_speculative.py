@@ -29,8 +29,9 @@ def test_greedy_speculative_equals_plain_greedy(tiny_args, agreeing_model, mix):
 
 
 def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
-    """Mid-generation, the next draft's distribution equals the MTP head of a fresh full forward
-    over the sequence so far: rejected drafts left nothing behind in either cache."""
+    """Mid-generation, the next draft's distribution equals the draft head over the MTP block of
+    a fresh full forward over the sequence so far: rejected drafts left nothing behind in
+    either cache."""
     model = build(tiny_args)  # random: its MTP block's attention weighs as much as its input
     engine = Engine(model, speculative=True, prefill_chunk=8)
     prompts = prompts_of([13, 6], tiny_args.vocab_size, seed=3)
@@ -43,8 +44,10 @@ def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
         seq = torch.tensor([r.prompt_ids + r.output_ids])
         with torch.no_grad():
             out = model.run(seq, mtp=True)
-        # the draft is made at the last position fed to the model, with the pending token
-        expected = out.mtp_logits[0][0, -1].log_softmax(-1)
+            # the draft is made at the last position fed to the model, with the pending token,
+            # through the strategy's draft head (an int8 copy of the head with the native kernels)
+            h_mtp, _ = model.mtp_hidden(1, out.hidden[:, :-1], seq[:, 1:])
+            expected = engine.decoder.draft_head.logits(model, h_mtp[:, -1])[0].log_softmax(-1)
         torch.testing.assert_close(engine.decoder.draft_of(r)[1].log(), expected, atol=3e-5, rtol=1e-5)
         row = engine.running.index(r)
         assert engine.cache.lengths[row] == engine.decoder.cache.lengths[row] == seq.shape[1] - 1
@@ -92,3 +95,22 @@ def test_sampled_speculative_reports_acceptance(tiny_args, agreeing_model):
     # each request's step emits its accepted draft (if any) and one more token, cut at max_tokens
     assert s.drafted <= s.decode_tokens <= s.drafted + s.accepted
     assert s.decode_tokens == sum(len(r.output_ids) - 1 for r in reqs)
+
+
+def test_draft_head_is_an_int8_copy_of_the_head(tiny_args, build):
+    """Drafts read an int8 copy of the head (rebuilt when the head changes); without the
+    native kernels they read the model's MTP head itself."""
+    from dsmoe import kernels
+    from dsmoe.infer.speculative import DraftHead
+    from dsmoe.model.quant import quantize_rows
+    model = build(tiny_args)
+    h = torch.randn(2, tiny_args.dim)
+    head = DraftHead()
+    with torch.no_grad():
+        q, scale = quantize_rows(model.head.weight)
+        dequantised = torch.nn.functional.linear(model.mtp[0].norm(h), q.float() * scale.float()[:, None])
+        torch.testing.assert_close(head.logits(model, h), dequantised, atol=1e-5, rtol=1e-5)
+        model.head.weight.mul_(2)
+        torch.testing.assert_close(head.logits(model, h), 2 * dequantised, atol=2e-5, rtol=1e-5)
+        with kernels.disabled():
+            assert torch.equal(head.logits(model, h), model.mtp_logits(1, h))
