@@ -56,7 +56,9 @@ static inline v16 load_i8(const int8_t *p) {
 
 /* Rows [n0, n1) of y (M rows, M a compile-time constant after inlining) for one weight
  * type. One cache line is prefetched per 4 lines read (the hardware prefetcher follows
- * once a stream is started; prefetching every line measured slower). */
+ * once a stream is started; prefetching every line measured slower), except with 6 or more
+ * rows, where each line costs enough arithmetic to hide a prefetch per line (8 rows of an
+ * 8192 x 384 weight: 7.2 -> 8.4 GB/s; 1 to 4 rows lose 10-30% that way). */
 #define DEFINE_ROWS(NAME, WT, LOAD, ELEMS_PER_PREFETCH)                                        \
   static inline __attribute__((always_inline)) void NAME(                                      \
       const float *x, int64_t ldx, const int M, const WT *W, const uint16_t *scale,            \
@@ -68,7 +70,7 @@ static inline v16 load_i8(const int8_t *p) {
       v16 acc[MAX_ROWS];                                                                       \
       for (int m = 0; m < M; m++) acc[m] = (v16){0};                                           \
       for (int64_t k = 0; k < K16; k += 16) {                                                  \
-        if ((k & (ELEMS_PER_PREFETCH - 1)) == 0) __builtin_prefetch(ahead + k, 0, 0);          \
+        if ((k & ((M >= 6 ? 16 : ELEMS_PER_PREFETCH) - 1)) == 0) __builtin_prefetch(ahead + k, 0, 0); \
         v16 wv = LOAD(w + k);                                                                  \
         for (int m = 0; m < M; m++) acc[m] += wv * load_f32(x + m * ldx + k);                  \
       }                                                                                        \
