@@ -130,7 +130,7 @@ class MLA(nn.Module):
         k_nope_NDS = k_nope.permute(0, 2, 3, 1).reshape(N, Dn, S)
         k_pe_BRS = k_pe_BSR.transpose(1, 2)
         v_NSV = v.transpose(1, 2).reshape(N, S, -1)
-        out_NTV = v.new_empty(N, T, v.shape[-1])
+        out_BTHV = v.new_empty(B, T, H, v.shape[-1])  # the layout wo reads: no copy after
         rows = max(1, min(T, BLOCK_SCORES // (N * S)))
         offset = S - T  # causal: query t sees keys up to offset + t
         for t0 in range(0, T, rows):
@@ -147,8 +147,8 @@ class MLA(nn.Module):
                 future = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q_nope.device).triu_(1)
                 scores_NbS[..., offset + t0:end].masked_fill_(future, float("-inf"))
             probs_NbS = scores_NbS.softmax(-1)
-            out_NTV[:, t0:t1] = torch.bmm(probs_NbS, v_NSV[:, :end])
-        return out_NTV.view(B, H, T, -1).transpose(1, 2)  # (B, T, H, Dv)
+            out_BTHV[:, t0:t1] = torch.bmm(probs_NbS, v_NSV[:, :end]).view(B, H, t1 - t0, -1).transpose(1, 2)
+        return out_BTHV
 
     def _project_few_rows(self, x_BTD):
         """The query and latent projections for one or two rows (`fastpath.py`): wq_a|wkv_a
