@@ -121,8 +121,9 @@ class MLA(nn.Module):
 
     def _attend_blocked(self, q_nope, q_pe, k_nope, k_pe_BSR, v, mask):
         """SDPA's result, a block of query rows at a time, batched over N = B*H (batch, head).
-        Without a mask (causal, the T new tokens last among the S keys) a block attends to
-        the keys up to its last row only."""
+        The T new tokens come last among the S keys of the longest row (S = cached + T), so
+        no row's query t sees a key past S - T + t: a block reads the keys up to its last
+        row only; the mask, when given (rows of different lengths), hides the rest per row."""
         B, T, H, Dn = q_nope.shape
         S, N = k_nope.shape[1], B * H
         q_nope_NTD = q_nope.transpose(1, 2).reshape(N, T, Dn)
@@ -135,13 +136,13 @@ class MLA(nn.Module):
         offset = S - T  # causal: query t sees keys up to offset + t
         for t0 in range(0, T, rows):
             t1 = min(t0 + rows, T)
-            end = S if mask is not None else offset + t1  # keys any row of the block may see
+            end = offset + t1  # keys any row of the block may see
             scores_pe_NbS = torch.bmm(q_pe_BHTR[:, :, t0:t1].reshape(B, H * (t1 - t0), -1),
                                       k_pe_BRS[..., :end]).view(N, t1 - t0, end)
             scores_NbS = torch.baddbmm(scores_pe_NbS, q_nope_NTD[:, t0:t1], k_nope_NDS[..., :end],
                                        beta=self.softmax_scale, alpha=self.softmax_scale)
             if mask is not None:  # (B or 1, 1, T, S)
-                hidden = ~mask[:, :, t0:t1]
+                hidden = ~mask[:, :, t0:t1, :end]
                 scores_NbS.view(B, H, t1 - t0, end).masked_fill_(hidden, float("-inf"))
             else:  # the block's own keys: each row sees those up to itself
                 future = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=q_nope.device).triu_(1)
