@@ -40,12 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsmoe import ModelArgs, Transformer, save_hf  # noqa: E402
+# dsmoe before torch, as every `dsmoe` command imports them: its OMP_WAIT_POLICY=PASSIVE
+# (sleeping OpenMP waits) applies to both engines in this process. With torch's default
+# (spinning waits) on a shared 2-core machine, every parallel region waits for a
+# descheduled partner, and two-thread figures measure the other jobs more than the engines.
+from dsmoe import ModelArgs, Transformer, save_hf  # noqa: E402, I001
+import torch  # noqa: E402
 from dsmoe.infer.engine import Engine  # noqa: E402
 from dsmoe.infer.requests import tokenize_prompt  # noqa: E402
 from dsmoe.infer.sampling import SamplingParams  # noqa: E402
