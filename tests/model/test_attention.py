@@ -1,8 +1,10 @@
-"""MLA: naive == absorbed, and cached decoding == the full forward."""
+"""MLA: naive == absorbed, blocked == SDPA, and cached decoding == the full forward."""
 import pytest
 import torch
 
 from dsmoe.infer.cache import LatentCache
+from dsmoe.model import mla
+from dsmoe.model.mla import blocked_attention
 from dsmoe.model.transformer import resolve_attn_impl
 
 
@@ -65,7 +67,6 @@ def test_blocked_attention_equals_sdpa(tiny_args, build, T, S, masked, monkeypat
     calls it: causal over a whole sequence (no mask), one new token after a cache (no mask),
     and a per-row mask (a prefill chunk after cached positions, rows of different lengths);
     blocks of a few rows so that several blocks run."""
-    from dsmoe.model import mla
     monkeypatch.setattr(mla, "BLOCK_SCORES", 2 * tiny_args.n_heads * S)  # 1-2 query rows a block
     attn = build(tiny_args).layers[0].attn
     B, H = 2, tiny_args.n_heads
@@ -88,7 +89,6 @@ def test_blocked_attention_equals_sdpa(tiny_args, build, T, S, masked, monkeypat
 
 
 def test_blocked_attention_only_for_cpu_fp32_inference():
-    from dsmoe.model.mla import blocked_attention
     x = torch.zeros(1, 2, 3)
     assert not blocked_attention(x)  # gradients on: SDPA (its backward)
     with torch.no_grad():
