@@ -25,6 +25,7 @@ Runs of the compared sides are interleaved round by round (the CPU is shared wit
 processes) and each figure is the median over rounds.
 
     python bench/decode.py [--quick] [--model DIR]      or     python -m bench decode
+    python bench/decode.py --prefill-only                   (the prefill rows alone)
 Targets: >= 4x transformers at batch 1 and at batch 8; batch 1 and batch 8 >= 0.8x
 llama.cpp; speculative >= 1.6x plain decoding with >= 80% acceptance.
 """
@@ -39,12 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsmoe import ModelArgs, Transformer, save_hf  # noqa: E402
+# dsmoe before torch, as every `dsmoe` command imports them: its OMP_WAIT_POLICY=PASSIVE
+# (sleeping OpenMP waits) applies to both engines in this process. With torch's default
+# (spinning waits) on a shared 2-core machine, every parallel region waits for a
+# descheduled partner, and two-thread figures measure the other jobs more than the engines.
+from dsmoe import ModelArgs, Transformer, save_hf  # noqa: E402, I001
+import torch  # noqa: E402
 from dsmoe.infer.engine import Engine  # noqa: E402
 from dsmoe.infer.requests import tokenize_prompt  # noqa: E402
 from dsmoe.infer.sampling import SamplingParams  # noqa: E402
@@ -97,7 +101,8 @@ def sizes(quick: bool) -> tuple[int, int, int]:
     return (32, 16, 128) if quick else (64, 64, 448)
 
 
-def decode_rows(quick: bool) -> list[dict]:
+def decode_rows(quick: bool, batches: tuple[int, ...] = (1, 8)) -> list[dict]:
+    """Decode rows at each batch size in `batches` (none: the prefill rows alone), then prefill."""
     args = ModelArgs.from_preset(PRESET).replace(n_mtp_layers=0)
     P, N, P_long = sizes(quick)
     rounds = 2 if quick else 5
@@ -106,7 +111,7 @@ def decode_rows(quick: bool) -> list[dict]:
     engine = Engine(ours, max_batch=8)
     g = torch.Generator().manual_seed(0)
     rows = []
-    for B in (1, 8):
+    for B in batches:
         prompts = torch.randint(0, args.vocab_size, (B, P), generator=g).tolist()
         ref_ours, ref_theirs = ours_generate(engine, prompts, N), theirs_generate(theirs, prompts, N)
         jobs = {}
@@ -365,9 +370,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter prompts and outputs, fewer rounds")
     parser.add_argument("--model", default=None, help="trained model directory for the speculative part")
     parser.add_argument("--skip-transformers", action="store_true", help="only the speculative part")
+    parser.add_argument("--prefill-only", action="store_true", help="only the prefill rows against transformers")
     opts = parser.parse_args()
-    rows = (speculative_rows(opts.quick, opts.model) if opts.skip_transformers
-            else run(opts.quick, opts.model))
+    if opts.prefill_only:
+        rows = decode_rows(opts.quick, batches=())
+    else:
+        rows = (speculative_rows(opts.quick, opts.model) if opts.skip_transformers
+                else run(opts.quick, opts.model))
     for row in rows:
         print(f"{row['metric']:<42} {row['value']:>10.3f} {row['unit']:<6} {row['note']}")
 

@@ -66,7 +66,7 @@ DEFAULT_MAX_LEN = 8192  # cache positions per request unless asked otherwise (V3
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_len: int | None = None,
-                 prefill_chunk: int = 256, decoder=None, speculative: bool = False, compile: bool = False,
+                 prefill_chunk: int = 512, decoder=None, speculative: bool = False, compile: bool = False,
                  chunked_prefill: bool = True, prefix_cache=None):
         """`decoder`: a decoding strategy (`PlainDecoding(compile)` unless given);
         `speculative=True` is `decoder=MTPSpeculation()`. `chunked_prefill`: prompts longer than
