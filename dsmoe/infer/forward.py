@@ -30,8 +30,10 @@ ChunkFn = Callable[[int, int, int, CacheView], "tuple[torch.Tensor, torch.Tensor
 
 def decode_step(model, tokens_B1: torch.Tensor, cache) -> torch.Tensor:
     """One new token per row, attending in latent space: next-token logits (B, V)."""
-    h_B1D, _ = model.hidden(tokens_B1, cache, attn_impl="absorb")
-    return model.logits(h_B1D[:, -1])
+    if torch.compiler.is_compiling():  # traced: the seams (the native step is one opaque call)
+        h_B1D, _ = model.hidden(tokens_B1, cache, attn_impl="absorb")
+        return model.logits(h_B1D[:, -1])
+    return model.step(tokens_B1, cache)[1][:, -1]
 
 
 def prefill(model, prompts: list[list[int]], cache: LatentCache, rows: range, chunk: int,

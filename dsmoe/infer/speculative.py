@@ -106,8 +106,7 @@ def verify_and_draft(model, pending_B: torch.Tensor, drafts_B: torch.Tensor, q_B
     """One speculative step over rows with pending token t_n and draft d (see the module note).
     Returns (accepted (B,), next token (B,), next draft (B,), its distribution (B, V))."""
     B = pending_B.shape[0]
-    hidden_B2D, _ = model.hidden(torch.stack([pending_B, drafts_B], dim=1), main, attn_impl="absorb")
-    logits_B2V = model.logits(hidden_B2D)
+    hidden_B2D, logits_B2V = model.step(torch.stack([pending_B, drafts_B], dim=1), main)
     p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
     n_acc_B, next_B = accept(p_B2V, q_BV[:, None], drafts_B[:, None], s.generators, greedy=s.all_greedy)
     main.rewind((1 - n_acc_B).cpu())

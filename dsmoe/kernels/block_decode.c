@@ -9,7 +9,7 @@
 
 #include "kernels.h"
 
-typedef struct {
+typedef struct dsmoe_block {
   /* norms */
   const float *attn_norm, *ffn_norm, *q_norm, *kv_norm;
   float eps, q_eps, kv_eps, softmax_scale;

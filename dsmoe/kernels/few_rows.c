@@ -30,13 +30,6 @@ enum { MAX_ROWS = 8 };
  * ~100 ns, near enough to stay in L1/L2 (measured best among 2, 4, 8 and 16). */
 enum { PREFETCH_ROWS = 8 };
 
-static inline float bf16_to_f32(uint16_t b) {
-  uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-
 static inline v16 load_i8(const int8_t *p) {
   v16 r;
 #if defined(__AVX512F__)

@@ -3,8 +3,16 @@
 #define DSMOE_KERNELS_H
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { KIND_F32 = 0, KIND_INT8 = 1 };
+
+static inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
 
 /* 16 floats: AVX-512 register, two AVX2 ones, four NEON ones (-march=native decides). */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));

@@ -37,6 +37,9 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.dsmoe_block_decode.restype = c_int
     lib.dsmoe_stack_decode.argtypes = [p, i64, p, i64, i64, p, p, p, p, i64, i64, i64, i64, p, p, p, p, p]
     lib.dsmoe_stack_decode.restype = c_int
+    lib.dsmoe_step_decode.argtypes = [p, i64, ctypes.POINTER(Weight), p, i64, i64, p, p, i64, p, p, i64, i64, i64,
+                                      i64, p, p, p, p, p, p, ctypes.c_float, ctypes.POINTER(Weight), p, p]
+    lib.dsmoe_step_decode.restype = c_int
 
 
 def available() -> bool:
@@ -205,6 +208,30 @@ def stack_decode(table, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP
                            "(at most 64 expert groups, dividing the experts)")
     moe = iter(zip(ids.unbind(0), weights.unbind(0), scores.unbind(0), load.unbind(0)))
     return [next(moe) if b.is_moe else None for b in blocks]
+
+
+def step_decode(table, embed: Weight, tokens_BT: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                latent_LBSC: torch.Tensor, k_pe_LBSR: torch.Tensor, positions_BT: torch.Tensor, top_k: int,
+                n_experts: int, norm: torch.Tensor, eps: float, head: Weight):
+    """A whole decode step (step_decode.c): the tokens' embeddings, the blocks of `table`,
+    the final norm and the head. Returns (h (M, D): the last block's output, logits (M, V))."""
+    M, T = tokens_BT.numel(), tokens_BT.shape[-1]
+    tokens, positions = tokens_BT.reshape(-1).contiguous(), positions_BT.reshape(-1).contiguous()
+    n_moe = sum(b.is_moe for b in table._blocks)
+    ids, weights = torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k)
+    scores, load = torch.empty(n_moe, M, n_experts), torch.empty(n_moe, n_experts, dtype=torch.int64)
+    h, logits = torch.empty(M, embed.cols), torch.empty(M, head.rows)
+    status = _lib().dsmoe_step_decode(
+        table, len(table), ctypes.byref(embed), tokens.data_ptr(), M, T, cos_table.data_ptr(), sin_table.data_ptr(),
+        cos_table.shape[-1], latent_LBSC.data_ptr(), k_pe_LBSR.data_ptr(), latent_LBSC.stride(0),
+        k_pe_LBSR.stride(0), latent_LBSC.stride(1), k_pe_LBSR.stride(1), positions.data_ptr(), ids.data_ptr(),
+        weights.data_ptr(), scores.data_ptr(), load.data_ptr(), norm.data_ptr(), eps, ctypes.byref(head),
+        h.data_ptr(), logits.data_ptr())
+    if status == -2:
+        raise ValueError(f"a token id is outside the vocabulary [0, {embed.rows})")
+    if status != 0:
+        raise RuntimeError("native step kernel failed: out of memory, or a routing setting it does not take")
+    return h, logits
 
 
 def _lib() -> ctypes.CDLL | None:

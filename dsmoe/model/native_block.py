@@ -30,30 +30,39 @@ from dsmoe import kernels
 from dsmoe.model.moe import RoutingInfo
 
 
-class Plan:
-    """A block's kernel description and what it was built from (see the module note)."""
-    __slots__ = ("desc", "slots", "tensors", "ptrs", "top_k", "n_experts", "hookable")
+class Watch:
+    """Modules and tensors a kernel description points into, and a cheap check that none was
+    replaced or moved since (see the module note)."""
+    __slots__ = ("slots", "tensors", "ptrs", "modules")
 
-    def __init__(self, block, desc: kernels.Block):
-        self.desc = desc
-        self.slots = []  # (container dict, key, object): every submodule, parameter and buffer
-        for module in block.modules():
+    def __init__(self, modules, extra: tuple = ()):
+        self.modules = tuple(m for top in modules for m in top.modules())
+        self.slots = list(extra)  # (container dict, key, object): submodules, parameters, buffers
+        for module in self.modules:
             self.slots += [(module._modules, k, v) for k, v in module._modules.items()]
             self.slots += [(module._parameters, k, v) for k, v in module._parameters.items()]
             self.slots += [(module._buffers, k, v) for k, v in module._buffers.items()]
         self.tensors = [v for _, _, v in self.slots if isinstance(v, torch.Tensor)]
         self.ptrs = [t.data_ptr() for t in self.tensors]
-        gate = block.ffn.gate if block.is_moe else None
-        self.top_k, self.n_experts = (gate.top_k, gate.n_experts) if gate is not None else (0, 0)
-        self.hookable = tuple(block.modules())  # the kernel runs none of their forwards
-
-    def hooked(self) -> bool:
-        """Whether a forward hook waits on a module the kernel would skip."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.hookable)
 
     def valid(self) -> bool:
         return (all(d.get(k) is v for d, k, v in self.slots)
                 and all(t.data_ptr() == p for t, p in zip(self.tensors, self.ptrs)))
+
+    def hooked(self) -> bool:
+        """Whether a forward hook waits on a module the kernel would skip."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+
+
+class Plan(Watch):
+    """A block's kernel description and what it was built from."""
+    __slots__ = ("desc", "top_k", "n_experts")
+
+    def __init__(self, block, desc: kernels.Block):
+        super().__init__([block])
+        self.desc = desc
+        gate = block.ffn.gate if block.is_moe else None
+        self.top_k, self.n_experts = (gate.top_k, gate.n_experts) if gate is not None else (0, 0)
 
 
 class PlanSlot:
@@ -151,13 +160,12 @@ def _rows(x_BTD, cos, sin):
     return h, cos_MP, sin_MP
 
 
-def stack_forward(blocks, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot: PlanSlot):
-    """Every block of a stack (`Transformer.layers`, in order) over a few new tokens in one
-    native call: (h, routing of the MoE blocks), or None when one block is not taken (the
-    caller then runs the blocks one by one). `cache.storage()` gives every layer's rows;
-    `slot` keeps the table of the blocks' descriptions."""
+def stack_table(blocks, cache, slot: PlanSlot):
+    """What a native call over the whole stack needs: ((latent, k_pe, positions) of every
+    layer's rows, the blocks' table, (top_k, n_experts)), or None when the cache or a block
+    is not one the kernel takes (or a forward hook waits)."""
     storage = getattr(cache, "storage", None)
-    if storage is None or not kernels.supports(x_BTD) or _global_hooks():
+    if storage is None or _global_hooks():
         return None
     latent, k_pe, positions = storage()
     if latent.dtype != torch.float32 or latent.device.type != "cpu" or latent.shape[0] < len(blocks):
@@ -169,10 +177,24 @@ def stack_forward(blocks, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if table is None or len(table[0]) != len(plans) or any(a is not b for a, b in zip(table[0], plans)):
         table = slot.plan = (plans, kernels.block_table([p.desc for p in plans]))
     moe = next((p for p in plans if p.n_experts), None)
+    return (latent, k_pe, positions), table[1], (moe.top_k, moe.n_experts) if moe else (0, 0)
+
+
+def stack_forward(blocks, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot: PlanSlot):
+    """Every block of a stack (`Transformer.layers`, in order) over a few new tokens in one
+    native call: (h, routing of the MoE blocks), or None when one block is not taken (the
+    caller then runs the blocks one by one). `cache.storage()` gives every layer's rows;
+    `slot` keeps the table of the blocks' descriptions."""
+    if not kernels.supports(x_BTD):
+        return None
+    found = stack_table(blocks, cache, slot)
+    if found is None:
+        return None
+    (latent, k_pe, positions), table, (top_k, n_experts) = found
     B, T, D = x_BTD.shape
     h, cos_MP, sin_MP = _rows(x_BTD, cos, sin)
-    routing = kernels.stack_decode(table[1], h, T, cos_MP, sin_MP, latent, k_pe, positions.contiguous(),
-                                   moe.top_k if moe else 0, moe.n_experts if moe else 0)
+    routing = kernels.stack_decode(table, h, T, cos_MP, sin_MP, latent, k_pe, positions.contiguous(),
+                                   top_k, n_experts)
     return h.view(B, T, D), [RoutingInfo(*r) for r in routing if r is not None]
 
 

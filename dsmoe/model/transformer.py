@@ -27,7 +27,7 @@ from torch import nn
 
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
-from dsmoe.model import native_block
+from dsmoe.model import native_block, native_step
 from dsmoe.model.block import Block
 from dsmoe.model.fastpath import Derived, fast_rows, linear_few_rows, plain_linears
 from dsmoe.model.layers import RMSNorm
@@ -72,6 +72,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._derived = Derived()  # the head's transposed copy for few-row decoding (fastpath.py)
         self._native_stack = native_block.PlanSlot()  # the blocks' kernel descriptions, as one table
+        self._native_step = native_block.PlanSlot()  # the embedding's and head's (native_step.py)
         self.init_weights()
 
     # ------------------------------------------------------------------ set-up
@@ -144,6 +145,16 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return h, routing
+
+    def step(self, tokens_BT: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden` then `logits` at every new position, (h (B, T, D), logits (B, T, V)), in
+        one native call for a few new tokens on a CPU (`native_step.py`) when it can be."""
+        if cache is not None and fast_rows(tokens_BT, tokens_BT.numel()):
+            done = native_step.step(self, tokens_BT, cache)
+            if done is not None:
+                return done
+        h_BTD, _ = self.hidden(tokens_BT, cache, attn_impl="absorb")
+        return h_BTD, self.logits(h_BTD)
 
     def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """Final norm and output head over hidden states from `hidden`."""
