@@ -6,7 +6,7 @@
   naive attention (expanding the latent once beats absorbing for many tokens); only each
   prompt's last position goes through the output head.
 - `decode_step`: one new token per row, attending in latent space (absorbed attention:
-  no K/V is ever expanded).
+  no K/V is ever expanded); `Transformer.step`, one native call on a CPU when it can be.
 - `over_chunks`: the chunking both prefill and the MTP catch-up after it use.
 
 Notable: nothing here is a copy of the model's forward. Each function calls the model's

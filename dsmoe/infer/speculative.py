@@ -107,8 +107,13 @@ def verify_and_draft(model, pending_B: torch.Tensor, drafts_B: torch.Tensor, q_B
     Returns (accepted (B,), next token (B,), next draft (B,), its distribution (B, V))."""
     B = pending_B.shape[0]
     hidden_B2D, logits_B2V = model.step(torch.stack([pending_B, drafts_B], dim=1), main)
-    p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
-    n_acc_B, next_B = accept(p_B2V, q_BV[:, None], drafts_B[:, None], s.generators, greedy=s.all_greedy)
+    if s.all_greedy:  # `accept` with one-hot p and q, without building them
+        target_B2 = logits_B2V.argmax(-1)
+        n_acc_B = (target_B2[:, 0] == drafts_B).long()
+        next_B = target_B2.gather(1, n_acc_B[:, None]).squeeze(1)
+    else:
+        p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
+        n_acc_B, next_B = accept(p_B2V, q_BV[:, None], drafts_B[:, None], s.generators)
     main.rewind((1 - n_acc_B).cpu())
     # The MTP block sees the confirmed positions n (input t_{n+1}) and, if d was accepted, n+1.
     mtp_tokens_B2 = torch.stack([torch.where(n_acc_B.bool(), drafts_B, next_B), next_B], dim=1)

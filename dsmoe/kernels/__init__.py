@@ -2,10 +2,12 @@
 
 What (`ops.py`): `linear` (y = x Wᵀ for 1-8 rows, W fp32 or int8 with per-row bf16
 scales), `experts` (the routed experts of a few tokens, each chosen expert run once over
-the tokens that chose it) and `block_decode` (a whole Transformer block for a few new
-tokens over the latent cache: norms, MLA, the dense or MoE feed-forward, residuals). The
-model's few-row paths (`dsmoe/model/fastpath.py`, `native_block.py`, `quant.py`) call them
-on a CPU when they are available and fall back to torch otherwise.
+the tokens that chose it), `block_decode` / `stack_decode` (a whole Transformer block, or
+the whole stack, for a few new tokens over the latent cache: norms, MLA, the dense or MoE
+feed-forward, residuals) and `step_decode` (embedding, stack, final norm and head: a decode
+step). The model's few-row paths (`dsmoe/model/fastpath.py`, `native_block.py`,
+`native_step.py`, `quant.py`) call them on a CPU when they are available and fall back to
+torch otherwise.
 
 Why: a decode step on a CPU is bound by reading the active weights once, and its matrices
 are small. Measured on one thread of this project's 2-core AMD EPYC (AVX-512), weights
