@@ -136,8 +136,8 @@ def run(quick: bool = False) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 128-token prompt, fewer rounds")
-    for row in run(parser.parse_args().quick):
-        print(f"{row['metric']:<42} {row['value']:>9.2f} {row['unit']:<3} {row['note']}")
+    from bench import format_table
+    print(format_table(run(parser.parse_args().quick)))
 
 
 if __name__ == "__main__":

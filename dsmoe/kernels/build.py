@@ -21,6 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from dsmoe.switch import Switch
+
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 CACHE_ENV, SWITCH_ENV = "DSMOE_KERNEL_CACHE", "DSMOE_NATIVE_KERNELS"
@@ -30,7 +32,7 @@ FLAGS = ("-O3", "-funroll-loops")
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_enabled = True
+_switch = Switch()
 
 
 def cache_dir() -> Path:
@@ -88,17 +90,11 @@ def library() -> ctypes.CDLL | None:
     if not _tried:
         _tried = True
         _lib = None if os.environ.get(SWITCH_ENV, "1") == "0" else _load()
-    return _lib if _enabled else None
+    return _lib if _switch.on else None
 
 
-@contextlib.contextmanager
 def disabled():
-    """Run the torch fallbacks only (what the tests compare the kernels with)."""
-    global _enabled
-    before, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = before
+    """A context in which the torch fallbacks run (what the tests compare the kernels with)."""
+    return _switch.off()
 
 

@@ -26,13 +26,12 @@ Not here: anything for CUDA (there the grouped kernels need no host sync and no 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsmoe import kernels
+from dsmoe.switch import Switch
 
 # Rows up to which the torch layouts here pay (measured: the head's transposed layout wins at
 # M <= 2 and ties at M = 4; the chosen-expert views lose to the ragged path at batch 8). The
@@ -45,28 +44,23 @@ def max_rows() -> int:
     return kernels.MAX_ROWS if kernels.available() else FAST_MAX_ROWS
 
 
-_enabled = True
+_switch = Switch()
 
 
-@contextlib.contextmanager
 def disabled():
-    """Run the ordinary paths only (the reference the tests and the benchmark compare with)."""
-    global _enabled
-    before, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = before
+    """A context in which only the ordinary paths run (the reference tests and benchmarks
+    compare with)."""
+    return _switch.off()
 
 
 def enabled() -> bool:
-    return _enabled
+    return _switch.on
 
 
 def fast_rows(x: torch.Tensor, n_rows: int) -> bool:
     """Whether a call over `n_rows` rows of `x` takes the few-row CPU inference path."""
     # Tracing first: a traced call must not guard on its (dynamic) row count.
-    return (_enabled and not torch.compiler.is_compiling() and x.device.type == "cpu"
+    return (_switch.on and not torch.compiler.is_compiling() and x.device.type == "cpu"
             and not torch.is_grad_enabled() and n_rows <= max_rows())
 
 

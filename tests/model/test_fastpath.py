@@ -27,10 +27,10 @@ def decode_logits(model, prompt, steps):
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("batch,width", [(1, 1), (1, 2), (2, 1), (3, 1), (8, 1), (4, 2)])
 @pytest.mark.parametrize("q_lora_rank", [0, 32])
-def test_fast_paths_equal_the_ordinary_ones(tiny_args, build, batch, width, q_lora_rank, native):
+def test_fast_paths_equal_the_ordinary_ones(tiny_args, build, batch, width, q_lora_rank, native, request):
     """With the native kernels (up to 8 rows) and with torch's few-row layouts (up to 2)."""
-    if native and not kernels.available():
-        pytest.fail("the native kernels did not build: a C compiler is part of the test set-up")
+    if native:
+        request.getfixturevalue("native_kernels")
     model = build(tiny_args.replace(q_lora_rank=q_lora_rank))
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, tiny_args.vocab_size, (batch, 9), generator=g)

@@ -11,10 +11,7 @@ from dsmoe import kernels
 from dsmoe.kernels import build as kernel_build
 
 
-@pytest.fixture(autouse=True)
-def built():
-    if not kernels.available():
-        pytest.fail("the native kernels did not build: a C compiler is part of the test set-up")
+pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17])

@@ -10,10 +10,7 @@ from dsmoe.model import fastpath
 from dsmoe.model.quant import quantize_modules
 
 
-@pytest.fixture(autouse=True)
-def built():
-    if not kernels.available():
-        pytest.fail("the native kernels did not build: a C compiler is part of the test set-up")
+pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 @pytest.fixture
