@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 # apt-get needs root: use sudo (never prompting) when we are not root and sudo is there.
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo -n)
 
-.PHONY: demo test bench browser clean
+.PHONY: demo test bench browser compiler clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	-@$(MAKE) --no-print-directory compiler
 	$(PY) -m dsmoe demo
+
+# A C compiler for the native CPU kernels (dsmoe/kernels/, built on first use; without one
+# decoding runs PyTorch's kernels, slower, and tests/model/test_kernels.py fails saying so).
+compiler:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
+	  echo "installing gcc (Debian package) for the native CPU kernels"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; }
 
 # Headless Chromium for the explorer's browser test (tests/analysis/test_explore.py).
 browser:
@@ -27,6 +35,7 @@ browser:
 # Without Chromium (no root, no network) the suite still runs, and the browser test
 # fails saying how to install it.
 test: $(STAMP)
+	-@$(MAKE) --no-print-directory compiler
 	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest -q
 
