@@ -23,6 +23,8 @@ left to the modules).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -32,26 +34,30 @@ from dsmoe.model.moe import RoutingInfo
 
 class Watch:
     """Modules and tensors a kernel description points into, and a cheap check that none was
-    replaced or moved since (see the module note)."""
-    __slots__ = ("slots", "tensors", "ptrs", "modules")
+    replaced or moved since (see the module note). The checks run as builtins over flat
+    lists (`map`, `all`): ~3 us for a block's ~40 slots, against ~7 us as Python loops."""
+    __slots__ = ("containers", "keys", "objects", "tensors", "ptrs", "hook_dicts")
 
     def __init__(self, modules, extra: tuple = ()):
-        self.modules = tuple(m for top in modules for m in top.modules())
-        self.slots = list(extra)  # (container dict, key, object): submodules, parameters, buffers
-        for module in self.modules:
-            self.slots += [(module._modules, k, v) for k, v in module._modules.items()]
-            self.slots += [(module._parameters, k, v) for k, v in module._parameters.items()]
-            self.slots += [(module._buffers, k, v) for k, v in module._buffers.items()]
-        self.tensors = [v for _, _, v in self.slots if isinstance(v, torch.Tensor)]
+        modules = [m for top in modules for m in top.modules()]
+        slots = list(extra)  # (container dict, key, object): submodules, parameters, buffers
+        for module in modules:
+            slots += [(module._modules, k, v) for k, v in module._modules.items()]
+            slots += [(module._parameters, k, v) for k, v in module._parameters.items()]
+            slots += [(module._buffers, k, v) for k, v in module._buffers.items()]
+        self.containers, self.keys, self.objects = (list(x) for x in zip(*slots)) if slots else ([], [], [])
+        self.tensors = [v for v in self.objects if isinstance(v, torch.Tensor)]
         self.ptrs = [t.data_ptr() for t in self.tensors]
+        # the hook dicts themselves: registering a hook adds to them, never replaces them
+        self.hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
 
     def valid(self) -> bool:
-        return (all(d.get(k) is v for d, k, v in self.slots)
-                and all(t.data_ptr() == p for t, p in zip(self.tensors, self.ptrs)))
+        return (all(map(operator.is_, map(dict.get, self.containers, self.keys), self.objects))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
 
     def hooked(self) -> bool:
         """Whether a forward hook waits on a module the kernel would skip."""
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return any(self.hook_dicts)
 
 
 class Plan(Watch):
