@@ -30,16 +30,6 @@ static inline float lane_sum(v16 v) {
 
 static inline v16 load_f32(const float *p) { return *(const v16 *)p; }
 
-/* sum a[i] b[i] in 16 lanes, then the lanes (the compiler does not reorder a float sum). */
-static inline float dot(const float *a, const float *b, int64_t n) {
-  v16 acc = {0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc += load_f32(a + i) * load_f32(b + i);
-  float s = lane_sum(acc);
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
-}
-
 /* One weight matrix (rows x cols, contiguous): fp32, or int8 with one bf16 scale per row. */
 typedef struct {
   const void *data;

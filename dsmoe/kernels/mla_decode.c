@@ -15,6 +15,46 @@
 
 #include "kernels.h"
 
+/* out (n) = sum_r a[r] * rows[r] (rows r of length n, `stride` apart), accumulated in
+ * registers 64 floats at a time (not read-modify-write through memory per row). */
+static void weighted_rows(const float *a, int64_t n_rows, const float *rows, int64_t stride, int64_t n,
+                          float *out) {
+  int64_t c = 0;
+  for (; c + 64 <= n; c += 64) {
+    v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    for (int64_t r = 0; r < n_rows; r++) {
+      const float *row = rows + r * stride + c;
+      const v16 w = (v16){0} + a[r];
+      s0 += w * load_f32(row);
+      s1 += w * load_f32(row + 16);
+      s2 += w * load_f32(row + 32);
+      s3 += w * load_f32(row + 48);
+    }
+    memcpy(out + c, &s0, 64);
+    memcpy(out + c + 16, &s1, 64);
+    memcpy(out + c + 32, &s2, 64);
+    memcpy(out + c + 48, &s3, 64);
+  }
+  for (; c < n; c++) {
+    float t = 0;
+    for (int64_t r = 0; r < n_rows; r++) t += a[r] * rows[r * stride + c];
+    out[c] = t;
+  }
+}
+
+/* q_lat . lat + q_pe . kpe in one set of lanes (one lane sum, not two). */
+static inline float score(const float *q_lat, const float *lat, int64_t C, const float *q_pe, const float *kp,
+                          int64_t R) {
+  v16 acc = {0};
+  int64_t i = 0, j = 0;
+  for (; i + 16 <= C; i += 16) acc += load_f32(q_lat + i) * load_f32(lat + i);
+  for (; j + 16 <= R; j += 16) acc += load_f32(q_pe + j) * load_f32(kp + j);
+  float s = lane_sum(acc);
+  for (; i < C; i++) s += q_lat[i] * lat[i];
+  for (; j < R; j++) s += q_pe[j] * kp[j];
+  return s;
+}
+
 static inline void rope_pairs(float *x, const float *cos, const float *sin, int64_t n_pairs) {
   for (int64_t i = 0; i < n_pairs; i++) {
     float e = x[2 * i], o = x[2 * i + 1];
@@ -69,23 +109,16 @@ int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *w
       float *qh = q + i * H * Dq + h * Dq;
       rope_pairs(qh + Dn, cos + i * (R / 2), sin + i * (R / 2), R / 2);
       const float *w_k = wkv_b + h * (Dn + Dv) * C; /* (Dn, C): the key half of head h */
-      memset(q_lat, 0, sizeof(float) * (size_t)C);
-      for (int64_t d = 0; d < Dn; d++) {
-        const float a = qh[d], *wr = w_k + d * C;
-        for (int64_t c = 0; c < C; c++) q_lat[c] += a * wr[c];
-      }
+      weighted_rows(qh, Dn, w_k, C, C, q_lat); /* the query in latent space */
       float top = -INFINITY;
       for (int64_t s = 0; s <= pos; s++) {
-        p[s] = softmax_scale * (dot(q_lat, lat + s * C, C) + dot(qh + Dn, kp + s * R, R));
+        p[s] = softmax_scale * score(q_lat, lat + s * C, C, qh + Dn, kp + s * R, R);
         top = p[s] > top ? p[s] : top;
       }
       float total = 0;
       for (int64_t s = 0; s <= pos; s++) total += (p[s] = expf(p[s] - top));
-      memset(q_lat, 0, sizeof(float) * (size_t)C); /* now the output in latent space */
-      for (int64_t s = 0; s <= pos; s++) {
-        const float a = p[s] / total, *ls = lat + s * C;
-        for (int64_t c = 0; c < C; c++) q_lat[c] += a * ls[c];
-      }
+      for (int64_t s = 0; s <= pos; s++) p[s] /= total;
+      weighted_rows(p, pos + 1, lat, C, C, q_lat); /* now the output in latent space */
       const float *w_v = w_k + Dn * C; /* (Dv, C): the value half */
       dsmoe_linear(q_lat, C, 1, w_v, NULL, KIND_F32, Dv, C, ov + i * H * Dv + h * Dv, Dv);
     }
