@@ -58,6 +58,7 @@ from dsmoe.infer.sampling import SamplingBatch, SamplingParams, next_tokens
 from dsmoe.infer.speculative import MTPSpeculation
 from dsmoe.infer.stats import EngineStats
 from dsmoe.infer.staging import StagedPrompt
+from dsmoe.model.hugepages import pack_weights
 
 log = logging.getLogger("dsmoe.infer.engine")
 
@@ -83,6 +84,8 @@ class Engine:
         self.args = args
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu":  # the weights a decode step streams, in 2 MB pages
+            pack_weights(model)
         self.max_len = min(max_len or min(args.max_seq_len, DEFAULT_MAX_LEN), args.max_seq_len)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
