@@ -30,3 +30,12 @@ def pytest_collection_finish(session):
         raise pytest.UsageError(
             f"these test files were not collected by the default run:\n  {names}\n"
             "rename the folder (pytest skips `dist`, `build` and dotted names) or fix the file")
+
+
+@pytest.fixture
+def native_kernels():
+    """The native kernels, built: a C compiler is part of the test set-up, so a failed build
+    fails the tests that need it rather than skipping them."""
+    from dsmoe import kernels
+    if not kernels.available():
+        pytest.fail("the native kernels did not build: a C compiler is part of the test set-up")

@@ -14,8 +14,7 @@ typedef struct dsmoe_block {
   const float *attn_norm, *ffn_norm, *q_norm, *kv_norm;
   float eps, q_eps, kv_eps, softmax_scale;
   /* attention: wq_a.rows == 0 when queries are not compressed (wq_b is then wq) */
-  dsmoe_weight wq_a, wq_b, wkv_a, wo;
-  const float *wkv_b;
+  dsmoe_weight wq_a, wq_b, wkv_a, wo, wkv_b;
   int64_t heads, nope_dim, rope_dim, v_dim, kv_rank;
   /* feed-forward: a dense SwiGLU (is_moe 0) or the MoE's shared expert (rows 0: none) */
   dsmoe_weight ffn1, ffn3, ffn2;
@@ -31,7 +30,7 @@ typedef struct dsmoe_block {
 
 int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *wq_a, const float *q_norm,
                      const dsmoe_weight *wq_b, const dsmoe_weight *wkv_a, const float *kv_norm,
-                     const float *wkv_b, const dsmoe_weight *wo, int64_t H, int64_t Dn, int64_t R,
+                     const dsmoe_weight *wkv_b, const dsmoe_weight *wo, int64_t H, int64_t Dn, int64_t R,
                      int64_t Dv, int64_t C, float q_eps, float kv_eps, float softmax_scale, const float *cos,
                      const float *sin, float *latent, float *k_pe, int64_t latent_row_stride,
                      int64_t k_pe_row_stride, const int64_t *positions, float *out);
@@ -62,7 +61,7 @@ int dsmoe_block_decode(const dsmoe_block *b, float *h, int64_t M, int64_t T, con
   memcpy(x, h, sizeof(float) * (size_t)(M * D));
   for (int64_t i = 0; i < M; i++) rms_norm_row(x + i * D, b->attn_norm, D, b->eps);
   int status = dsmoe_mla_decode(x, M, T, b->wq_a.rows ? &b->wq_a : NULL, b->q_norm, &b->wq_b, &b->wkv_a,
-                                b->kv_norm, b->wkv_b, &b->wo, b->heads, b->nope_dim, b->rope_dim, b->v_dim,
+                                b->kv_norm, &b->wkv_b, &b->wo, b->heads, b->nope_dim, b->rope_dim, b->v_dim,
                                 b->kv_rank, b->q_eps, b->kv_eps, b->softmax_scale, cos, sin, latent, k_pe,
                                 latent_row_stride, k_pe_row_stride, positions, y);
   if (status == 0) {

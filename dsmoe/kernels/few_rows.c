@@ -17,35 +17,14 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
 #include "kernels.h"
 
-typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
 
 enum { MAX_ROWS = 8 };
 /* Weight rows ahead to prefetch: far enough to cover memory latency at one row per
  * ~100 ns, near enough to stay in L1/L2 (measured best among 2, 4, 8 and 16). */
 enum { PREFETCH_ROWS = 8 };
-
-static inline v16 load_i8(const int8_t *p) {
-  v16 r;
-#if defined(__AVX512F__)
-  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-  memcpy(&r, &f, 64);
-#elif defined(__AVX2__)
-  __m128i b = _mm_loadu_si128((const __m128i *)p);
-  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-  memcpy(&r, &lo, 32);
-  memcpy((char *)&r + 32, &hi, 32);
-#else
-  r = __builtin_convertvector(*(const v16b *)p, v16);
-#endif
-  return r;
-}
 
 /* Rows [n0, n1) of y (M rows, M a compile-time constant after inlining) for one weight
  * type. One cache line is prefetched per 4 lines read (the hardware prefetcher follows

@@ -4,6 +4,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 enum { KIND_F32 = 0, KIND_INT8 = 1 };
 
@@ -29,6 +32,27 @@ static inline float lane_sum(v16 v) {
 }
 
 static inline v16 load_f32(const float *p) { return *(const v16 *)p; }
+
+typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
+
+/* 16 int8 as 16 floats; explicit on x86, where the generic conversion compiles to scalar code. */
+static inline v16 load_i8(const int8_t *p) {
+  v16 r;
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+  memcpy(&r, &f, 64);
+#elif defined(__AVX2__)
+  __m128i b = _mm_loadu_si128((const __m128i *)p);
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  memcpy(&r, &lo, 32);
+  memcpy((char *)&r + 32, &hi, 32);
+#else
+  r = __builtin_convertvector(*(const v16b *)p, v16);
+#endif
+  return r;
+}
+
 
 /* One weight matrix (rows x cols, contiguous): fp32, or int8 with one bf16 scale per row. */
 typedef struct {

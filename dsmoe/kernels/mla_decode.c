@@ -42,6 +42,32 @@ static void weighted_rows(const float *a, int64_t n_rows, const float *rows, int
   }
 }
 
+/* weighted_rows over int8 rows (the scales folded into `a` by the caller). */
+static void weighted_rows_i8(const float *a, int64_t n_rows, const int8_t *rows, int64_t stride, int64_t n,
+                             float *out) {
+  int64_t c = 0;
+  for (; c + 64 <= n; c += 64) {
+    v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    for (int64_t r = 0; r < n_rows; r++) {
+      const int8_t *row = rows + r * stride + c;
+      const v16 w = (v16){0} + a[r];
+      s0 += w * load_i8(row);
+      s1 += w * load_i8(row + 16);
+      s2 += w * load_i8(row + 32);
+      s3 += w * load_i8(row + 48);
+    }
+    memcpy(out + c, &s0, 64);
+    memcpy(out + c + 16, &s1, 64);
+    memcpy(out + c + 32, &s2, 64);
+    memcpy(out + c + 48, &s3, 64);
+  }
+  for (; c < n; c++) {
+    float t = 0;
+    for (int64_t r = 0; r < n_rows; r++) t += a[r] * (float)rows[r * stride + c];
+    out[c] = t;
+  }
+}
+
 /* q_lat . lat + q_pe . kpe in one set of lanes (one lane sum, not two). */
 static inline float score(const float *q_lat, const float *lat, int64_t C, const float *q_pe, const float *kp,
                           int64_t R) {
@@ -70,17 +96,17 @@ static inline void rope_pairs(float *x, const float *cos, const float *sin, int6
  * Returns 0, or -1 when out of memory. */
 int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *wq_a, const float *q_norm,
                      const dsmoe_weight *wq_b, const dsmoe_weight *wkv_a, const float *kv_norm,
-                     const float *wkv_b, const dsmoe_weight *wo, int64_t H, int64_t Dn, int64_t R,
+                     const dsmoe_weight *wkv_b, const dsmoe_weight *wo, int64_t H, int64_t Dn, int64_t R,
                      int64_t Dv, int64_t C, float q_eps, float kv_eps, float softmax_scale, const float *cos,
                      const float *sin, float *latent, float *k_pe, int64_t latent_row_stride,
                      int64_t k_pe_row_stride, const int64_t *positions, float *out) {
   const int64_t D = wkv_a->cols, Dq = Dn + R, QL = wq_a ? wq_a->rows : 0;
   int64_t max_pos = 0;
   for (int64_t i = 0; i < M; i++) max_pos = positions[i] > max_pos ? positions[i] : max_pos;
-  float *cq = malloc(sizeof(float) * (size_t)(M * QL + M * H * Dq + M * (C + R) + M * H * Dv + C + max_pos + 1));
+  float *cq = malloc(sizeof(float) * (size_t)(M * QL + M * H * Dq + M * (C + R) + M * H * Dv + C + Dn + max_pos + 1));
   if (!cq) return -1;
   float *q = cq + M * QL, *kv = q + M * H * Dq, *ov = kv + M * (C + R), *q_lat = ov + M * H * Dv;
-  float *p = q_lat + C;
+  float *coef = q_lat + C, *p = coef + Dn;
   (void)D;
 
   if (wq_a) {
@@ -108,8 +134,13 @@ int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *w
     for (int64_t h = 0; h < H; h++) {
       float *qh = q + i * H * Dq + h * Dq;
       rope_pairs(qh + Dn, cos + i * (R / 2), sin + i * (R / 2), R / 2);
-      const float *w_k = wkv_b + h * (Dn + Dv) * C; /* (Dn, C): the key half of head h */
-      weighted_rows(qh, Dn, w_k, C, C, q_lat); /* the query in latent space */
+      const int64_t k_row = h * (Dn + Dv), v_row = k_row + Dn; /* head h's rows of wkv_b */
+      if (wkv_b->kind == KIND_F32) { /* the query in latent space: the key half (Dn, C) */
+        weighted_rows(qh, Dn, (const float *)wkv_b->data + k_row * C, C, C, q_lat);
+      } else { /* int8 rows: each coefficient times its row's scale */
+        for (int64_t d = 0; d < Dn; d++) coef[d] = qh[d] * bf16_to_f32(wkv_b->scale[k_row + d]);
+        weighted_rows_i8(coef, Dn, (const int8_t *)wkv_b->data + k_row * C, C, C, q_lat);
+      }
       float top = -INFINITY;
       for (int64_t s = 0; s <= pos; s++) {
         p[s] = softmax_scale * score(q_lat, lat + s * C, C, qh + Dn, kp + s * R, R);
@@ -119,8 +150,9 @@ int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *w
       for (int64_t s = 0; s <= pos; s++) total += (p[s] = expf(p[s] - top));
       for (int64_t s = 0; s <= pos; s++) p[s] /= total;
       weighted_rows(p, pos + 1, lat, C, C, q_lat); /* now the output in latent space */
-      const float *w_v = w_k + Dn * C; /* (Dv, C): the value half */
-      dsmoe_linear(q_lat, C, 1, w_v, NULL, KIND_F32, Dv, C, ov + i * H * Dv + h * Dv, Dv);
+      const size_t item = wkv_b->kind == KIND_F32 ? sizeof(float) : 1; /* the value half (Dv, C) */
+      dsmoe_linear(q_lat, C, 1, (const char *)wkv_b->data + (size_t)(v_row * C) * item,
+                   wkv_b->scale ? wkv_b->scale + v_row : NULL, (int)wkv_b->kind, Dv, C, ov + i * H * Dv + h * Dv, Dv);
     }
   }
   apply_weight(wo, ov, H * Dv, M, out, wo->rows);

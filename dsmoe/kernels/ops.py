@@ -149,7 +149,7 @@ class Block(ctypes.Structure):
     """block_decode.c `dsmoe_block`: one Transformer block's weights and settings."""
     _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "ffn_norm", "q_norm", "kv_norm")] + \
         [(n, ctypes.c_float) for n in ("eps", "q_eps", "kv_eps", "softmax_scale")] + \
-        [(n, Weight) for n in ("wq_a", "wq_b", "wkv_a", "wo")] + [("wkv_b", ctypes.c_void_p)] + \
+        [(n, Weight) for n in ("wq_a", "wq_b", "wkv_a", "wo", "wkv_b")] + \
         [(n, ctypes.c_int64) for n in ("heads", "nope_dim", "rope_dim", "v_dim", "kv_rank")] + \
         [(n, Weight) for n in ("ffn1", "ffn3", "ffn2")] + [("is_moe", ctypes.c_int64)] + \
         [(n, ctypes.c_void_p) for n in ("gate", "bias")] + \

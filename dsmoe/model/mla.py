@@ -32,6 +32,13 @@ from dsmoe.model.layers import RMSNorm
 from dsmoe.model.rope import apply_rope, softmax_scale
 
 ATTN_IMPLS = ("naive", "absorb")
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as a float tensor: `nn.Linear`'s own, or a weight-only int8
+    layer's (`quant.py`) dequantised for this call."""
+    q = getattr(linear, "weight_q", None)
+    return linear.weight if q is None else q.float() * linear.weight_scale.float().unsqueeze(-1)
 # Scores one block of `_attend_blocked` holds (heads x query rows x keys): about 0.7 MB in
 # fp32, so a block's scores stay in a core's L2 cache between the two matmuls and the
 # softmax. Measured, one thread, `small` dims (6 heads), 448 positions: 64 rows a block
@@ -169,7 +176,7 @@ class MLA(nn.Module):
         the output, both used as views."""
         B, T, H, Dn = q_nope.shape
         S, C = latent_BSC.shape[1], self.kv_lora_rank
-        wkv_b = self.wkv_b.weight.view(H, -1, C).to(q_nope.dtype)  # (H, Dn+Dv, C)
+        wkv_b = dense_weight(self.wkv_b).view(H, -1, C).to(q_nope.dtype)  # (H, Dn+Dv, C)
         w_k_HDC, w_v_HCV = wkv_b[:, :Dn], wkv_b[:, Dn:].transpose(1, 2)
         q_latent_HNC = torch.bmm(q_nope.reshape(B * T, H, Dn).transpose(0, 1), w_k_HDC)  # N = B*T
         q_latent_BMC = q_latent_HNC.view(H, B, T, C).permute(1, 2, 0, 3).reshape(B, T * H, C)  # M = T*H

@@ -16,7 +16,7 @@ replaced or its storage moves (checked each call: identity and address of each, 
 walking the modules and checking dtypes each call cost ~190 us). In-place updates
 (optimizer steps, `copy_`) keep the addresses, so the kernel reads the new values without a
 rebuild; nothing is copied. Takes fp32 weights, or the int8 layers of `quant.py`; MLA's
-wkv_b, the norms and the router stay fp32 (as quant keeps them).
+the norms and the router stay fp32 (as quant keeps them).
 Not here: training (no gradients), CUDA, hooks on submodules (the modules' own forward
 does not run: a forward hook on `block.attn` would not fire, so blocks with hooks are
 left to the modules).
@@ -83,7 +83,7 @@ class PlanSlot:
 
 def _linears(block) -> list[nn.Module]:
     at, ffn = block.attn, block.ffn
-    mods = [getattr(at, n) for n in ("wq_a", "wq_b", "wq", "wkv_a", "wo") if hasattr(at, n)]
+    mods = [getattr(at, n) for n in ("wq_a", "wq_b", "wq", "wkv_a", "wkv_b", "wo") if hasattr(at, n)]
     dense = ffn.shared_experts if block.is_moe else ffn
     return mods + ([dense.w1, dense.w3, dense.w2] if dense is not None else [])
 
@@ -93,7 +93,7 @@ def _supported(block) -> bool:
     if not kernels.takes_linears(*_linears(block)):
         return False
     at = block.attn
-    tensors = [block.attn_norm.weight, block.ffn_norm.weight, at.kv_norm.weight, at.wkv_b.weight]
+    tensors = [block.attn_norm.weight, block.ffn_norm.weight, at.kv_norm.weight]
     if at.q_lora_rank:
         tensors.append(at.q_norm.weight)
     for m in _linears(block):
@@ -115,7 +115,7 @@ def describe(block) -> kernels.Block:
     at = block.attn
     b = kernels.Block()
     b.attn_norm, b.ffn_norm = block.attn_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr()
-    b.kv_norm, b.wkv_b = at.kv_norm.weight.data_ptr(), at.wkv_b.weight.data_ptr()
+    b.kv_norm, b.wkv_b = at.kv_norm.weight.data_ptr(), kernels.weight_of(at.wkv_b)
     b.eps, b.kv_eps, b.softmax_scale = block.attn_norm.eps, at.kv_norm.eps, at.softmax_scale
     if at.q_lora_rank:
         b.q_norm, b.q_eps = at.q_norm.weight.data_ptr(), at.q_norm.eps

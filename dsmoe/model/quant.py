@@ -16,9 +16,10 @@ Notable:
   exists; the loader (`dsmoe/interop/hf/read.py`) then quantises each checkpoint tensor a
   few rows at a time as it reads it (FP8 blocks dequantised a row of blocks at a time on
   the way), into the `<name>_q` / `<name>_scale` buffers: the fp32 model never exists.
-- Kept in full precision: norms, the router (`Gate`: routing decisions are sensitive and
-  the weight is small) and MLA's `wkv_b` (the absorbed attention reads its weight as a
-  tensor; it is kv_lora_rank x heads x 256, small beside the rest).
+- Kept in full precision: norms and the router (`Gate`: routing decisions are sensitive and
+  the weight is small). MLA's `wkv_b` is int8 like the other projections: the native decode
+  kernel folds its row scales into the absorbed attention, and the torch absorbed path
+  (`mla.dense_weight`) dequantises it for the call.
 Not here: activation quantisation, int4, training with quantised weights.
 """
 from __future__ import annotations
@@ -38,7 +39,6 @@ SCALE_DTYPE = torch.bfloat16  # what the int8 kernel takes
 # weight once for the whole matmul is faster (measured on 2 CPU threads, 4096 x 1024:
 # kernel 0.8 ms at 1 row, 3.7 ms at 8, 13.7 ms at 32 against 10 ms converted).
 KERNEL_MAX_ROWS = 16
-KEEP_FULL = ("wkv_b",)  # module names kept in full precision (see the note above)
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -136,7 +136,7 @@ def quantize_modules(model: nn.Module, mode: str = "int8") -> nn.Module:
         if not name or not hasattr(module, "weight") and not isinstance(module, RoutedExperts):
             continue
         with torch.device(_device(module)):
-            if isinstance(module, nn.Linear) and child not in KEEP_FULL:
+            if isinstance(module, nn.Linear):
                 new = Int8Linear(module.in_features, module.out_features)
                 sources = {"weight": module.weight}
             elif isinstance(module, nn.Embedding):

@@ -97,7 +97,7 @@ def test_sampled_speculative_reports_acceptance(tiny_args, agreeing_model):
     assert s.decode_tokens == sum(len(r.output_ids) - 1 for r in reqs)
 
 
-def test_draft_head_is_an_int8_copy_of_the_head(tiny_args, build):
+def test_draft_head_is_an_int8_copy_of_the_head(tiny_args, build, native_kernels):
     """Drafts read an int8 copy of the head (rebuilt when the head changes); without the
     native kernels they read the model's MTP head itself."""
     from dsmoe import kernels

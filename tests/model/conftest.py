@@ -16,12 +16,3 @@ def build():
         torch.manual_seed(seed)
         return Transformer(args).eval()
     return make
-
-
-@pytest.fixture
-def native_kernels():
-    """The native kernels, built: a C compiler is part of the test set-up, so a failed build
-    fails the tests that need it rather than skipping them."""
-    from dsmoe import kernels
-    if not kernels.available():
-        pytest.fail("the native kernels did not build: a C compiler is part of the test set-up")
