@@ -77,7 +77,13 @@ def reference_paths():
 
 def small_model(mtp: int = 0) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelArgs.from_preset("small").replace(n_mtp_layers=mtp)).eval()
+    model = Transformer(ModelArgs.from_preset("small").replace(n_mtp_layers=mtp)).eval()
+    try:  # weights in 2 MB pages, as the engine holds them (absent in older checkouts)
+        from dsmoe.model.hugepages import pack_weights
+        pack_weights(model)
+    except ImportError:
+        pass
+    return model
 
 
 @torch.no_grad()
