@@ -16,57 +16,35 @@
 #include "kernels.h"
 
 /* out (n) = sum_r a[r] * rows[r] (rows r of length n, `stride` apart), accumulated in
- * registers 64 floats at a time (not read-modify-write through memory per row). */
-static void weighted_rows(const float *a, int64_t n_rows, const float *rows, int64_t stride, int64_t n,
-                          float *out) {
-  int64_t c = 0;
-  for (; c + 64 <= n; c += 64) {
-    v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    for (int64_t r = 0; r < n_rows; r++) {
-      const float *row = rows + r * stride + c;
-      const v16 w = (v16){0} + a[r];
-      s0 += w * load_f32(row);
-      s1 += w * load_f32(row + 16);
-      s2 += w * load_f32(row + 32);
-      s3 += w * load_f32(row + 48);
-    }
-    memcpy(out + c, &s0, 64);
-    memcpy(out + c + 16, &s1, 64);
-    memcpy(out + c + 32, &s2, 64);
-    memcpy(out + c + 48, &s3, 64);
+ * registers 64 floats at a time (not read-modify-write through memory per row); rows of
+ * fp32, or of int8 with the row scales folded into `a` by the caller. */
+#define DEFINE_WEIGHTED_ROWS(NAME, WT, LOAD)                                                  \
+  static void NAME(const float *a, int64_t n_rows, const WT *rows, int64_t stride, int64_t n,  \
+                   float *out) {                                                              \
+    int64_t c = 0;                                                                            \
+    for (; c + 64 <= n; c += 64) {                                                            \
+      v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                             \
+      for (int64_t r = 0; r < n_rows; r++) {                                                  \
+        const WT *row = rows + r * stride + c;                                                \
+        const v16 w = (v16){0} + a[r];                                                        \
+        s0 += w * LOAD(row);                                                                  \
+        s1 += w * LOAD(row + 16);                                                             \
+        s2 += w * LOAD(row + 32);                                                             \
+        s3 += w * LOAD(row + 48);                                                             \
+      }                                                                                       \
+      memcpy(out + c, &s0, 64);                                                               \
+      memcpy(out + c + 16, &s1, 64);                                                          \
+      memcpy(out + c + 32, &s2, 64);                                                          \
+      memcpy(out + c + 48, &s3, 64);                                                          \
+    }                                                                                         \
+    for (; c < n; c++) {                                                                      \
+      float t = 0;                                                                            \
+      for (int64_t r = 0; r < n_rows; r++) t += a[r] * (float)rows[r * stride + c];           \
+      out[c] = t;                                                                             \
+    }                                                                                         \
   }
-  for (; c < n; c++) {
-    float t = 0;
-    for (int64_t r = 0; r < n_rows; r++) t += a[r] * rows[r * stride + c];
-    out[c] = t;
-  }
-}
-
-/* weighted_rows over int8 rows (the scales folded into `a` by the caller). */
-static void weighted_rows_i8(const float *a, int64_t n_rows, const int8_t *rows, int64_t stride, int64_t n,
-                             float *out) {
-  int64_t c = 0;
-  for (; c + 64 <= n; c += 64) {
-    v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    for (int64_t r = 0; r < n_rows; r++) {
-      const int8_t *row = rows + r * stride + c;
-      const v16 w = (v16){0} + a[r];
-      s0 += w * load_i8(row);
-      s1 += w * load_i8(row + 16);
-      s2 += w * load_i8(row + 32);
-      s3 += w * load_i8(row + 48);
-    }
-    memcpy(out + c, &s0, 64);
-    memcpy(out + c + 16, &s1, 64);
-    memcpy(out + c + 32, &s2, 64);
-    memcpy(out + c + 48, &s3, 64);
-  }
-  for (; c < n; c++) {
-    float t = 0;
-    for (int64_t r = 0; r < n_rows; r++) t += a[r] * (float)rows[r * stride + c];
-    out[c] = t;
-  }
-}
+DEFINE_WEIGHTED_ROWS(weighted_rows, float, load_f32)
+DEFINE_WEIGHTED_ROWS(weighted_rows_i8, int8_t, load_i8)
 
 /* q_lat . lat + q_pe . kpe in one set of lanes (one lane sum, not two). */
 static inline float score(const float *q_lat, const float *lat, int64_t C, const float *q_pe, const float *kp,
