@@ -17,14 +17,16 @@ Deliberately not here: a general browser-automation library; only what the page 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from dsmoe.errors import DsmoeError
@@ -54,10 +56,12 @@ class Browser:
             raise DsmoeError("driving Chromium needs the `websockets` package: pip install 'dsmoe[dev]'") from None
         self.timeout = timeout
         self._open = ExitStack()  # the websocket, closed with the browser
-        self._profile = tempfile.TemporaryDirectory(prefix="dsmoe-chromium-")
+        self._profile = tempfile.TemporaryDirectory(prefix="dsmoe-chromium-", ignore_cleanup_errors=True)
+        # its own process group: closing stops Chromium's helper processes too, which would
+        # otherwise go on writing into the profile while it is being removed
         self._proc = subprocess.Popen([find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}",
                                        f"--window-size={width},{height}", "about:blank"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             port = self._devtools_port()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as res:
@@ -87,14 +91,23 @@ class Browser:
 
     def close(self) -> None:
         self._open.close()
-        if self._proc.poll() is None:
-            self._proc.terminate()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)  # Chromium and every helper it started
             try:
                 self._proc.wait(timeout=10)
+                break
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                continue
         self._proc.stderr.close()
+        for _ in range(20):  # a helper still exiting may add a file while the tree is removed
+            try:
+                shutil.rmtree(self._profile.name)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
         self._profile.cleanup()
 
     def __enter__(self) -> "Browser":
