@@ -32,7 +32,8 @@ SWITCH_ENV = "DSMOE_HUGE_PAGES"  # 0: leave the weights where they are
 def _packable(model: nn.Module) -> list[torch.Tensor]:
     tensors, seen = {}, {}
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type != "cpu" or t.is_meta or not t.is_contiguous() or t.numel() == 0:
+        if (type(t.data) is not torch.Tensor  # a sharded (DTensor) or other subclass: its own storage rules
+                or t.device.type != "cpu" or t.is_meta or not t.is_contiguous() or t.numel() == 0):
             continue
         tensors[id(t)] = t
     for t in tensors.values():
