@@ -176,14 +176,34 @@ def stack_table(blocks, cache, slot: PlanSlot):
     latent, k_pe, positions = storage()
     if latent.dtype != torch.float32 or latent.device.type != "cpu" or latent.shape[0] < len(blocks):
         return None
-    plans = [_plan(b) for b in blocks]
-    if any(p is None or p.hooked() for p in plans):
+    stack = slot.plan
+    if stack is None or not stack.valid(blocks):  # one flat check for every block (~12 us, not 6 x 6)
+        plans = [_plan(b) for b in blocks]
+        if any(p is None for p in plans):
+            return None
+        stack = slot.plan = StackPlan(blocks, plans)
+    if stack.hooked():
         return None
-    table = slot.plan
-    if table is None or len(table[0]) != len(plans) or any(a is not b for a, b in zip(table[0], plans)):
-        table = slot.plan = (plans, kernels.block_table([p.desc for p in plans]))
-    moe = next((p for p in plans if p.n_experts), None)
-    return (latent, k_pe, positions), table[1], (moe.top_k, moe.n_experts) if moe else (0, 0)
+    return (latent, k_pe, positions), stack.table, stack.routing
+
+
+class StackPlan(Watch):
+    """The blocks' table for `kernels.stack_decode`, valid while no block, submodule, tensor or
+    expert implementation changed (one flat `Watch` over the whole stack)."""
+    __slots__ = ("blocks", "table", "routing")
+
+    def __init__(self, blocks, plans: list[Plan]):
+        # the experts' `impl` is an attribute, not a submodule: watched as a slot too
+        impls = [(b.ffn.experts.__dict__, "impl", b.ffn.experts.__dict__.get("impl")) for b in blocks if b.is_moe]
+        super().__init__(list(blocks), extra=impls)
+        self.blocks = list(blocks)
+        self.table = kernels.block_table([p.desc for p in plans])
+        moe = next((p for p in plans if p.n_experts), None)
+        self.routing = (moe.top_k, moe.n_experts) if moe else (0, 0)
+
+    def valid(self, blocks=None) -> bool:
+        return (blocks is None or len(blocks) == len(self.blocks) and all(map(operator.is_, blocks, self.blocks))) \
+            and super().valid()
 
 
 def stack_forward(blocks, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot: PlanSlot):
