@@ -15,8 +15,8 @@ built once per block (`Plan`) and rebuilt when a submodule, parameter or buffer 
 replaced or its storage moves (checked each call: identity and address of each, one flat pass over the whole stack, ~25 us;
 walking the modules and checking dtypes each call cost ~190 us). In-place updates
 (optimizer steps, `copy_`) keep the addresses, so the kernel reads the new values without a
-rebuild; nothing is copied. Takes fp32 weights, or the int8 layers of `quant.py`; MLA's
-the norms and the router stay fp32 (as quant keeps them).
+rebuild; nothing is copied. Takes fp32 weights, or the int8 layers of `quant.py`; the
+norms and the router stay fp32 (as quant keeps them).
 Not here: training (no gradients), CUDA, hooks on submodules (the modules' own forward
 does not run: a forward hook on `block.attn` would not fire, so blocks with hooks are
 left to the modules).
