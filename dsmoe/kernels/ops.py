@@ -159,6 +159,18 @@ class Block(ctypes.Structure):
         [(n, ctypes.c_int64) for n in ("expert_kind", "expert_dim")]
 
 
+def _routing_buffers(n_moe: int, M: int, top_k: int, n_experts: int):
+    """Where the kernels write the MoE blocks' routing: ids, weights, scores, load."""
+    return (torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k),
+            torch.empty(n_moe, M, n_experts), torch.empty(n_moe, n_experts, dtype=torch.int64))
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"native {what} kernel failed: out of memory, or a routing setting it does not take "
+                           f"(at most 64 expert groups, dividing the experts)")
+
+
 def block_decode(block: Block, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP: torch.Tensor,
                  latent_BSC: torch.Tensor, k_pe_BSR: torch.Tensor, positions_BT: torch.Tensor,
                  top_k: int, n_experts: int):
@@ -166,17 +178,11 @@ def block_decode(block: Block, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor,
     new tokens' latent and k_pe written into the cache rows at `positions_BT`. Returns the
     MoE routing (ids (M, K), weights (M, K), scores (M, E), load (E,)), or None (dense)."""
     M = h_MD.shape[0]
-    routing = None
-    if block.is_moe:
-        routing = (torch.empty(M, top_k, dtype=torch.int64), torch.empty(M, top_k), torch.empty(M, n_experts),
-                   torch.empty(n_experts, dtype=torch.int64))
+    routing = tuple(r[0] for r in _routing_buffers(1, M, top_k, n_experts)) if block.is_moe else None
     ptrs = [r.data_ptr() for r in routing] if routing is not None else [None] * 4
-    status = _lib().dsmoe_block_decode(
+    _check(_lib().dsmoe_block_decode(
         ctypes.byref(block), h_MD.data_ptr(), M, T, cos_MP.data_ptr(), sin_MP.data_ptr(), latent_BSC.data_ptr(),
-        k_pe_BSR.data_ptr(), latent_BSC.stride(0), k_pe_BSR.stride(0), positions_BT.data_ptr(), *ptrs)
-    if status != 0:
-        raise RuntimeError("native block kernel failed: out of memory, or a routing setting it does not take "
-                           "(at most 64 expert groups, dividing the experts)")
+        k_pe_BSR.data_ptr(), latent_BSC.stride(0), k_pe_BSR.stride(0), positions_BT.data_ptr(), *ptrs), "block")
     return routing
 
 
@@ -184,6 +190,7 @@ def block_table(blocks: list[Block]):
     """The blocks as the C array of pointers `stack_decode` takes (build once, reuse)."""
     table = (ctypes.POINTER(Block) * len(blocks))(*(ctypes.pointer(b) for b in blocks))
     table._blocks = blocks  # keep the structures alive with the array
+    table._n_moe = sum(b.is_moe for b in blocks)
     return table
 
 
@@ -194,18 +201,13 @@ def stack_decode(table, h_MD: torch.Tensor, T: int, cos_MP: torch.Tensor, sin_MP
     `dsmoe_stack_decode`), block i over the cache rows latent_LBSC[i] / k_pe_LBSR[i]. Every
     MoE block routes to `top_k` of `n_experts` (one model). Returns each block's routing
     (None for dense ones)."""
-    blocks = table._blocks
-    M, n_moe = h_MD.shape[0], sum(b.is_moe for b in blocks)
-    ids, weights = torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k)
-    scores, load = torch.empty(n_moe, M, n_experts), torch.empty(n_moe, n_experts, dtype=torch.int64)
-    status = _lib().dsmoe_stack_decode(
+    blocks, M = table._blocks, h_MD.shape[0]
+    ids, weights, scores, load = _routing_buffers(table._n_moe, M, top_k, n_experts)
+    _check(_lib().dsmoe_stack_decode(
         table, len(blocks), h_MD.data_ptr(), M, T, cos_MP.data_ptr(), sin_MP.data_ptr(), latent_LBSC.data_ptr(),
         k_pe_LBSR.data_ptr(), latent_LBSC.stride(0), k_pe_LBSR.stride(0), latent_LBSC.stride(1),
         k_pe_LBSR.stride(1), positions_BT.data_ptr(), ids.data_ptr(), weights.data_ptr(), scores.data_ptr(),
-        load.data_ptr())
-    if status != 0:
-        raise RuntimeError("native block kernel failed: out of memory, or a routing setting it does not take "
-                           "(at most 64 expert groups, dividing the experts)")
+        load.data_ptr()), "block")
     moe = iter(zip(ids.unbind(0), weights.unbind(0), scores.unbind(0), load.unbind(0)))
     return [next(moe) if b.is_moe else None for b in blocks]
 
@@ -217,9 +219,7 @@ def step_decode(table, embed: Weight, tokens_BT: torch.Tensor, cos_table: torch.
     the final norm and the head. Returns (h (M, D): the last block's output, logits (M, V))."""
     M, T = tokens_BT.numel(), tokens_BT.shape[-1]
     tokens, positions = tokens_BT.reshape(-1).contiguous(), positions_BT.reshape(-1).contiguous()
-    n_moe = sum(b.is_moe for b in table._blocks)
-    ids, weights = torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k)
-    scores, load = torch.empty(n_moe, M, n_experts), torch.empty(n_moe, n_experts, dtype=torch.int64)
+    ids, weights, scores, load = _routing_buffers(table._n_moe, M, top_k, n_experts)
     h, logits = torch.empty(M, embed.cols), torch.empty(M, head.rows)
     status = _lib().dsmoe_step_decode(
         table, len(table), ctypes.byref(embed), tokens.data_ptr(), M, T, cos_table.data_ptr(), sin_table.data_ptr(),
@@ -229,8 +229,7 @@ def step_decode(table, embed: Weight, tokens_BT: torch.Tensor, cos_table: torch.
         h.data_ptr(), logits.data_ptr())
     if status == -2:
         raise ValueError(f"a token id is outside the vocabulary [0, {embed.rows})")
-    if status != 0:
-        raise RuntimeError("native step kernel failed: out of memory, or a routing setting it does not take")
+    _check(status, "step")
     return h, logits
 
 
