@@ -29,6 +29,9 @@ each depth's cache to lag one more position), tree drafts.
 """
 from __future__ import annotations
 
+import copy
+import operator
+
 import torch
 
 from dsmoe import kernels
@@ -38,8 +41,11 @@ from dsmoe.infer.decoding import Decoded, decode_thread_count
 from dsmoe.infer.forward import over_chunks, pad_rows
 from dsmoe.infer.requests import Request, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, draw, probs, uniform
+from dsmoe.model import native_block
 from dsmoe.model.fastpath import Derived
-from dsmoe.model.quant import quantize_rows
+from dsmoe.model.quant import quantize_modules, quantize_rows
+
+_version = operator.attrgetter("_version")
 
 # Shape legend: B rows, V vocabulary, D model dim, N drafts per row, M = N + 1 verified positions.
 
@@ -81,59 +87,125 @@ def make_drafts(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor
     return d_B, q_BV
 
 
-class DraftHead:
-    """The output head drafts are drawn with: on a CPU with the native kernels, an int8 copy
-    of the model's fp32 head (per-row scales, `quant.quantize_rows`; a quarter of the bytes,
-    the largest matrix a draft reads), rebuilt whenever the head changes; otherwise the
-    model's own MTP head. A draft only has to be likely: the verify pass decides, and
-    `accept` uses the distribution q the draft was drawn from, so greedy output stays plain
-    greedy's and sampled output keeps exactly the target distribution."""
+class Drafter:
+    """What drafts are drawn with. On a CPU with the native kernels: int8 copies (per-row
+    scales, `quant.py`) of the model's fp32 output head and MTP module, a quarter of the
+    bytes a draft reads (the head alone is the largest matrix of a step), rebuilt whenever
+    a source weight changes; otherwise the model's own. A draft only has to be likely: the
+    verify pass decides, and `accept` uses the distribution q each draft was drawn from, so
+    greedy output stays plain greedy's and sampled output keeps exactly the target
+    distribution."""
 
     def __init__(self):
         self._derived = Derived()
+        self._copy = None  # (int8 module, Watch over the source module, the sources' versions)
 
-    def logits(self, model, h_BD: torch.Tensor) -> torch.Tensor:
+    def _cheap(self, model) -> bool:
         w = getattr(model.head, "weight", None)
-        if (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and h_BD.shape[0] <= kernels.MAX_ROWS
-                and kernels.supports(h_BD, w)):
-            q, scale = self._derived.get("head_int8", quantize_rows, w)
-            return kernels.linear(model.mtp[0].norm(h_BD), q, scale)
-        return model.mtp_logits(1, h_BD)
+        return isinstance(w, torch.Tensor) and w.dtype == torch.float32 and kernels.supports(w, w)
+
+    def head(self, model) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 weight, row scales) for `Transformer.mtp_step`, or None: the model's head."""
+        return self._derived.get("head_int8", quantize_rows, model.head.weight) if self._cheap(model) else None
+
+    def module(self, model):
+        """The MTP module drafts run: an int8 copy of the model's (depth 1), or the module.
+        The copy is kept while no source parameter is replaced, moved or updated in place
+        (a flat identity, address and version check, ~5 us; walking the module's parameters
+        each step cost ~0.1 ms)."""
+        source = model.mtp[0]
+        if not self._cheap(model):
+            return source
+        kept = self._copy
+        if kept is not None and kept[1].objects[0] is source and kept[1].valid() \
+                and list(map(_version, kept[1].tensors)) == kept[2]:
+            return kept[0]
+        watch = native_block.Watch([source], extra=[(model.mtp._modules, "0", source)])
+        if any(t.dtype != torch.float32 for t in watch.tensors):
+            return source
+        with torch.no_grad():
+            copied = quantize_modules(copy.deepcopy(source)).eval()
+        self._copy = (copied, watch, list(map(_version, watch.tensors)))
+        return copied
+
+    def logits(self, model, h_BD: torch.Tensor, module=None) -> torch.Tensor:
+        """Draft logits from the MTP module's hidden states (B, D): its norm, then the head."""
+        head, module = self.head(model), module if module is not None else self.module(model)
+        return kernels.linear(module.norm(h_BD), *head) if head is not None else model._head(module.norm(h_BD))
 
 
-def verify_and_draft(model, pending_B: torch.Tensor, drafts_B: torch.Tensor, q_BV: torch.Tensor,
-                     main: CacheView, mtp: CacheView, s: SamplingBatch, draft_head: DraftHead | None = None):
-    """One speculative step over rows with pending token t_n and draft d (see the module note).
-    Returns (accepted (B,), next token (B,), next draft (B,), its distribution (B, V))."""
-    B = pending_B.shape[0]
-    hidden_B2D, logits_B2V = model.step(torch.stack([pending_B, drafts_B], dim=1), main)
+def draft(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`make_drafts`, without the one-hot distributions when every row is greedy (None)."""
+    return (logits_BV.argmax(-1), None) if s.all_greedy else make_drafts(logits_BV, s)
+
+
+def chain_drafts(model, first_B: torch.Tensor, q_BV: torch.Tensor | None, g_BD: torch.Tensor, k: int,
+                 mtp: CacheView, s: SamplingBatch, head, module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """k drafts per row (B, k) and their distributions (B, k, V) (None when all greedy): the
+    first is given; each next one runs the MTP module at the next position on its own
+    output hidden state g (in place of the main model's, which the verify pass has not
+    computed yet) and the draft before it. The chain's positions are rewound from the
+    module's cache at the end: the catch-up after the verify pass rewrites them with the
+    main model's hidden states."""
+    drafts, qs = [first_B], [q_BV]
+    for _ in range(k - 1):
+        g_B1D, logits_BV = model.mtp_step(1, g_BD[:, None], drafts[-1][:, None], mtp, head, module=module)
+        g_BD = g_B1D[:, 0]
+        d_B, q_next = draft(logits_BV, s)
+        drafts.append(d_B)
+        qs.append(q_next)
+    if k > 1:
+        mtp.rewind(k - 1)
+    return torch.stack(drafts, 1), (None if s.all_greedy else torch.stack(qs, 1))
+
+
+def verify_and_draft(model, pending_B: torch.Tensor, drafts_BK: torch.Tensor, q_BKV: torch.Tensor | None,
+                     main: CacheView, mtp: CacheView, s: SamplingBatch, head=None, module=None):
+    """One speculative step over rows with pending token t_n and k drafts (see the module note).
+    Returns (accepted (B,), next token (B,), next first draft (B,), its distribution (B, V) or
+    None when all greedy, the MTP module's hidden state it was drawn from (B, D))."""
+    B, K = drafts_BK.shape
+    hidden_BMD, logits_BMV = model.step(torch.cat([pending_B[:, None], drafts_BK], dim=1), main)
     if s.all_greedy:  # `accept` with one-hot p and q, without building them
-        target_B2 = logits_B2V.argmax(-1)
-        n_acc_B = (target_B2[:, 0] == drafts_B).long()
-        next_B = target_B2.gather(1, n_acc_B[:, None]).squeeze(1)
+        target_BM = logits_BMV.argmax(-1)
+        n_acc_B = (target_BM[:, :K] == drafts_BK).long().cumprod(-1).sum(-1)
+        next_B = target_BM.gather(1, n_acc_B[:, None]).squeeze(1)
     else:
-        p_B2V = torch.stack([probs(logits_B2V[:, 0], s), probs(logits_B2V[:, 1], s)], dim=1)
-        n_acc_B, next_B = accept(p_B2V, q_BV[:, None], drafts_B[:, None], s.generators)
-    main.rewind((1 - n_acc_B).cpu())
-    # The MTP block sees the confirmed positions n (input t_{n+1}) and, if d was accepted, n+1.
-    mtp_tokens_B2 = torch.stack([torch.where(n_acc_B.bool(), drafts_B, next_B), next_B], dim=1)
-    h_B2D, _ = model.mtp_hidden(1, hidden_B2D, mtp_tokens_B2, mtp)
-    mtp.rewind((1 - n_acc_B).cpu())
-    h_BD = h_B2D[torch.arange(B, device=h_B2D.device), n_acc_B]
-    d_B, q_next_BV = make_drafts(draft_head.logits(model, h_BD) if draft_head else model.mtp_logits(1, h_BD), s)
-    return n_acc_B, next_B, d_B, q_next_BV
+        p_BMV = torch.stack([probs(logits_BMV[:, i], s) for i in range(K + 1)], dim=1)
+        n_acc_B, next_B = accept(p_BMV, q_BKV, drafts_BK, s.generators)
+    main.rewind((K - n_acc_B).cpu())
+    # The MTP block catches up over the confirmed positions n .. n + accepted: position n + i
+    # reads t_{n+i+1}, an accepted draft or, last, the next token; rows that accepted fewer
+    # drafts than the longest run padding positions, rewound after.
+    T = int(n_acc_B.max()) + 1
+    i_T = torch.arange(T, device=pending_B.device)
+    tokens_BT = torch.where(i_T < n_acc_B[:, None], torch.cat([drafts_BK, next_B[:, None]], dim=1)[:, :T],
+                            next_B[:, None])
+    rows_B = torch.arange(B, device=pending_B.device) * T + n_acc_B  # each row's last confirmed position
+    g_BTD, logits_BV = model.mtp_step(1, hidden_BMD[:, :T], tokens_BT, mtp, head, rows_B, module)
+    mtp.rewind((T - 1 - n_acc_B).cpu())
+    d_B, q_next_BV = draft(logits_BV, s)
+    return n_acc_B, next_B, d_B, q_next_BV, g_BTD.reshape(B * T, -1)[rows_B]
 
 
 # ------------------------------------------------------------------- the strategy
 class MTPSpeculation:
-    """Draft one token with the MTP module, verify it with one main pass (a decoding strategy)."""
+    """Draft `depth` tokens with the MTP module, verify them with one main pass (a decoding
+    strategy). `depth` 1 drafts the token after next as DeepSeek-V3 trained the module to;
+    deeper chains run the module again on its own output (`chain_drafts`)."""
     speculative = True
     keeps_hidden = True  # the MTP block reads the main model's hidden state at every prompt position
 
-    def __init__(self):
+    def __init__(self, depth: int = 1):
+        if not isinstance(depth, int) or depth < 1:
+            raise DsmoeError(f"the speculative depth is the number of drafts per step: give a positive "
+                             f"integer, not {depth!r}")
+        self.depth = depth
         self.cache: LatentCache | None = None  # the MTP block's, one row per running request
-        self.drafts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # request id -> (draft, q)
-        self.draft_head = DraftHead()
+        # request id -> (first draft, its distribution or None when drawn greedily, the MTP
+        # module's hidden state it came from)
+        self.drafts: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self.drafter = Drafter()
 
     def attach(self, model, max_len: int, max_rows: int) -> None:
         args = model.args
@@ -151,8 +223,9 @@ class MTPSpeculation:
         self.cache.release(row)
         self.drafts.pop(request.id, None)
 
-    def draft_of(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pending draft of a running request and the distribution it was drawn from."""
+    def draft_of(self, request: Request) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The pending first draft of a running request, the distribution it was drawn from
+        (None: greedily) and the MTP module's hidden state it came from."""
         return self.drafts[request.id]
 
     def prefilled(self, model, joining: list[Request], rows: range, hidden_BPD: torch.Tensor,
@@ -163,25 +236,45 @@ class MTPSpeculation:
         shifted = pad_rows([r.prompt_ids[1:] + [t] for r, t in zip(joining, first_B.tolist())],
                            self.cache.device)
 
+        module = self.drafter.module(model)
+
         def mtp_chunk(start: int, stop: int, n_rows: int, view: CacheView):
-            h, _ = model.mtp_hidden(1, hidden_BPD[:n_rows, start:stop], shifted[:n_rows, start:stop], view)
+            h, _ = model.mtp_hidden(1, hidden_BPD[:n_rows, start:stop], shifted[:n_rows, start:stop], view,
+                                    module=module)
             return h, None
 
         h_BD, _ = over_chunks(mtp_chunk, [len(r.prompt_ids) for r in joining], chunk, self.cache, rows)
-        d_B, q_BV = make_drafts(self.draft_head.logits(model, h_BD), sampling_batch(joining, self.cache.device))
+        d_B, q_BV = draft(self.drafter.logits(model, h_BD, module), sampling_batch(joining, self.cache.device))
         for b, r in enumerate(joining):
-            self.drafts[r.id] = (d_B[b], q_BV[b])
+            self.drafts[r.id] = (d_B[b], q_BV[b] if q_BV is not None else None, h_BD[b])
+
+    def depth_for(self, running: list[Request], cache: CacheView) -> int:
+        """This step's drafts per row: `depth`, fewer when a row has fewer tokens left to
+        make or the cache less room (a verify pass writes drafts + 1 positions)."""
+        left = min(r.params.max_tokens - len(r.output_ids) for r in running)
+        room = cache.cache.max_len - cache.max_length() - 1
+        return max(1, min(self.depth, left, room))
 
     def decode(self, model, running: list[Request], cache: CacheView, sampling: SamplingBatch) -> Decoded:
         n = len(running)
-        drafts_B = torch.stack([self.drafts[r.id][0] for r in running])
-        q_BV = torch.stack([self.drafts[r.id][1] for r in running])
+        k = self.depth_for(running, cache)
+        stored = [self.drafts[r.id] for r in running]
+        first_B = torch.stack([d for d, _, _ in stored])
+        g_BD = torch.stack([g for _, _, g in stored])
+        q_BV = None
+        if not sampling.all_greedy:  # a row drafted greedily (q None) has a one-hot q
+            V = next((q.shape[-1] for _, q, _ in stored if q is not None), model.args.vocab_size)
+            q_BV = torch.stack([q if q is not None else torch.nn.functional.one_hot(d, V).float()
+                                for d, q, _ in stored])
         pending_B = torch.tensor([r.output_ids[-1] for r in running], device=cache.device)
+        mtp = self.cache.rows(0, n)
+        head, module = self.drafter.head(model), self.drafter.module(model)
         with decode_thread_count(cache.device):
-            n_acc_B, next_B, d_B, q_next_BV = verify_and_draft(model, pending_B, drafts_B, q_BV, cache,
-                                                               self.cache.rows(0, n), sampling, self.draft_head)
+            drafts_BK, q_BKV = chain_drafts(model, first_B, q_BV, g_BD, k, mtp, sampling, head, module)
+            n_acc_B, next_B, d_B, q_next_BV, g_next_BD = verify_and_draft(model, pending_B, drafts_BK, q_BKV, cache,
+                                                                          mtp, sampling, head, module)
         tokens = []
-        for b, (r, a, d, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_B.tolist(), next_B.tolist())):
-            self.drafts[r.id] = (d_B[b], q_next_BV[b])
-            tokens.append([d, t] if a else [t])
-        return Decoded(tokens, drafted=n, accepted=int(n_acc_B.sum()))
+        for b, (r, a, ds, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_BK.tolist(), next_B.tolist())):
+            self.drafts[r.id] = (d_B[b], q_next_BV[b] if q_next_BV is not None else None, g_next_BD[b])
+            tokens.append(ds[:a] + [t])
+        return Decoded(tokens, drafted=n * k, accepted=int(n_acc_B.sum()))

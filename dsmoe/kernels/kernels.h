@@ -77,4 +77,30 @@ static inline void rms_norm_row(float *x, const float *weight, int64_t n, float 
   float inv = 1.0f / sqrtf((float)(ss / n) + eps);
   for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * weight[i];
 }
+/* Rows of an embedding table (fp32, or int8 with bf16 row scales) for M token ids, row i
+ * at out + i * ldo. Returns 0, or -2 for an id outside the table. */
+static inline int gather_rows(const dsmoe_weight *table, const int64_t *ids, int64_t M, float *out, int64_t ldo) {
+  const int64_t D = table->cols;
+  for (int64_t i = 0; i < M; i++) {
+    if (ids[i] < 0 || ids[i] >= table->rows) return -2;
+    float *o = out + i * ldo;
+    if (table->kind == KIND_F32) {
+      memcpy(o, (const float *)table->data + ids[i] * D, sizeof(float) * (size_t)D);
+    } else {
+      const int8_t *q = (const int8_t *)table->data + ids[i] * D;
+      const float s = bf16_to_f32(table->scale[ids[i]]);
+      for (int64_t d = 0; d < D; d++) o[d] = (float)q[d] * s;
+    }
+  }
+  return 0;
+}
+
+/* The rope rows (half_rope cos and sin values) of M positions, gathered from the tables. */
+static inline void gather_rope(const float *cos_table, const float *sin_table, int64_t half_rope,
+                               const int64_t *positions, int64_t M, float *cos, float *sin) {
+  for (int64_t i = 0; i < M; i++) {
+    memcpy(cos + i * half_rope, cos_table + positions[i] * half_rope, sizeof(float) * (size_t)half_rope);
+    memcpy(sin + i * half_rope, sin_table + positions[i] * half_rope, sizeof(float) * (size_t)half_rope);
+  }
+}
 #endif

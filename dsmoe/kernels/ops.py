@@ -40,6 +40,10 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.dsmoe_step_decode.argtypes = [p, i64, ctypes.POINTER(Weight), p, i64, i64, p, p, i64, p, p, i64, i64, i64,
                                       i64, p, p, p, p, p, p, ctypes.c_float, ctypes.POINTER(Weight), p, p]
     lib.dsmoe_step_decode.restype = c_int
+    lib.dsmoe_mtp_decode.argtypes = [ctypes.POINTER(Block), ctypes.POINTER(Weight), p, p, i64, i64, p, p, i64, p, p,
+                                     i64, i64, p, p, p, p, p, p, ctypes.c_float, p, ctypes.c_float,
+                                     ctypes.POINTER(Weight), p, ctypes.c_float, ctypes.POINTER(Weight), p, i64, p, p]
+    lib.dsmoe_mtp_decode.restype = c_int
 
 
 def available() -> bool:
@@ -131,6 +135,13 @@ def weight_of(module) -> Weight:
     if q is not None:
         return Weight(q.data_ptr(), module.weight_scale.data_ptr(), q.shape[0], q.shape[1], KIND_INT8)
     w = module.weight
+    return Weight(w.data_ptr(), None, w.shape[0], w.shape[1], KIND_F32)
+
+
+def weight_from(w: torch.Tensor, scale: torch.Tensor | None = None) -> Weight:
+    """The descriptor of a bare weight tensor: fp32, or int8 with its bf16 row `scale`."""
+    if w.dtype == torch.int8:
+        return Weight(w.data_ptr(), scale.data_ptr(), w.shape[0], w.shape[1], KIND_INT8)
     return Weight(w.data_ptr(), None, w.shape[0], w.shape[1], KIND_F32)
 
 
@@ -231,6 +242,42 @@ def step_decode(table, embed: Weight, tokens_BT: torch.Tensor, cos_table: torch.
         raise ValueError(f"a token id is outside the vocabulary [0, {embed.rows})")
     _check(status, "step")
     return h, logits
+
+
+def mtp_decode(block: Block, embed: Weight, tokens_BT: torch.Tensor, h_prev_MD: torch.Tensor,
+               cos_table: torch.Tensor, sin_table: torch.Tensor, latent_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
+               positions_BT: torch.Tensor, top_k: int, n_experts: int, norms: tuple, eh_proj: Weight,
+               head: Weight | None = None, head_rows: torch.Tensor | None = None):
+    """An MTP module over M = B x T new positions (mtp_decode.c): [enorm(embed(tokens));
+    hnorm(h_prev)], eh_proj, its block over the module's cache rows, then its norm and
+    `head` at the rows `head_rows` (int64, at most 8; every row when None; no head: no
+    logits). `norms`: ((enorm, eps), (hnorm, eps), (norm, eps)).
+    Returns (h (M, D) before the norm, logits (len(head_rows), V) or None, routing or None)."""
+    M, T = tokens_BT.numel(), tokens_BT.shape[-1]
+    tokens, positions = tokens_BT.reshape(-1).contiguous(), positions_BT.reshape(-1).contiguous()
+    h_prev = h_prev_MD.contiguous()
+    routing = tuple(r[0] for r in _routing_buffers(1, M, top_k, n_experts)) if block.is_moe else None
+    ptrs = [r.data_ptr() for r in routing] if routing is not None else [None] * 4
+    h, logits = torch.empty(M, embed.cols), None
+    if head is not None:
+        head_rows = torch.arange(M) if head_rows is None else head_rows.to(torch.int64).contiguous()
+        if head_rows.numel() > MAX_ROWS:
+            raise ValueError(f"the MTP kernel's head takes at most {MAX_ROWS} rows, got {head_rows.numel()}")
+        logits = torch.empty(head_rows.numel(), head.rows)
+    (enorm, enorm_eps), (hnorm, hnorm_eps), (norm, norm_eps) = norms
+    status = _lib().dsmoe_mtp_decode(
+        ctypes.byref(block), ctypes.byref(embed), tokens.data_ptr(), h_prev.data_ptr(), M, T, cos_table.data_ptr(),
+        sin_table.data_ptr(), cos_table.shape[-1], latent_BSC.data_ptr(), k_pe_BSR.data_ptr(), latent_BSC.stride(0),
+        k_pe_BSR.stride(0), positions.data_ptr(), *ptrs, enorm.data_ptr(), enorm_eps, hnorm.data_ptr(), hnorm_eps,
+        ctypes.byref(eh_proj), norm.data_ptr(), norm_eps, ctypes.byref(head) if head is not None else None,
+        head_rows.data_ptr() if head is not None else None, head_rows.numel() if head is not None else 0,
+        h.data_ptr(), logits.data_ptr() if logits is not None else None)
+    if status == -2:
+        raise ValueError(f"a token id is outside the vocabulary [0, {embed.rows})")
+    if status == -3:
+        raise ValueError(f"a head row is outside the {M} new positions")
+    _check(status, "MTP")
+    return h, logits, routing
 
 
 def _lib() -> ctypes.CDLL | None:

@@ -31,21 +31,11 @@ int dsmoe_step_decode(const dsmoe_block *const *blocks, int64_t n, const dsmoe_w
   float *rot = malloc(sizeof(float) * (size_t)(2 * M * half_rope + M * D));
   if (!rot) return -1;
   float *cos = rot, *sin = rot + M * half_rope, *x = sin + M * half_rope;
-  for (int64_t i = 0; i < M; i++) {
-    if (tokens[i] < 0 || tokens[i] >= embed->rows) {
-      free(rot);
-      return -2;
-    }
-    if (embed->kind == KIND_F32) {
-      memcpy(h + i * D, (const float *)embed->data + tokens[i] * D, sizeof(float) * (size_t)D);
-    } else {
-      const int8_t *q = (const int8_t *)embed->data + tokens[i] * D;
-      const float s = bf16_to_f32(embed->scale[tokens[i]]);
-      for (int64_t d = 0; d < D; d++) h[i * D + d] = (float)q[d] * s;
-    }
-    memcpy(cos + i * half_rope, cos_table + positions[i] * half_rope, sizeof(float) * (size_t)half_rope);
-    memcpy(sin + i * half_rope, sin_table + positions[i] * half_rope, sizeof(float) * (size_t)half_rope);
+  if (gather_rows(embed, tokens, M, h, D) != 0) {
+    free(rot);
+    return -2;
   }
+  gather_rope(cos_table, sin_table, half_rope, positions, M, cos, sin);
   int status = dsmoe_stack_decode(blocks, n, h, M, T, cos, sin, latent, k_pe, latent_layer_stride,
                                   k_pe_layer_stride, latent_row_stride, k_pe_row_stride, positions, ids, weights,
                                   scores, load);

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelArgs
+from dsmoe.model import native_block
 from dsmoe.model.block import Block
 from dsmoe.model.layers import RMSNorm
 
@@ -27,6 +28,7 @@ class MTPModule(nn.Module):
         self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
+        self._native = native_block.PlanSlot()  # the native kernel's description (native_mtp.py)
 
     def forward(self, h_prev_BTD, emb_next_BTD, cos, sin, cache=None, mask=None, impl="naive"):
         """Returns (h^k, routing): the new hidden state (before `norm`) and its MoE routing."""

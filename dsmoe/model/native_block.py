@@ -150,7 +150,7 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
-def _plan(block) -> Plan | None:
+def block_plan(block) -> Plan | None:
     """The block's valid plan, rebuilt if needed; None when the kernel does not take it."""
     plan = block._native.plan
     if plan is None or not plan.valid() or (block.is_moe and block.ffn.experts.impl != "auto"):
@@ -178,7 +178,7 @@ def stack_table(blocks, cache, slot: PlanSlot):
         return None
     stack = slot.plan
     if stack is None or not stack.valid(blocks):  # one flat check for every block (~12 us, not 6 x 6)
-        plans = [_plan(b) for b in blocks]
+        plans = [block_plan(b) for b in blocks]
         if any(p is None for p in plans):
             return None
         stack = slot.plan = StackPlan(blocks, plans)
@@ -233,7 +233,7 @@ def forward(block, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ca
     latent, k_pe, positions = storage()
     if latent.dtype != torch.float32 or latent.device.type != "cpu":
         return None
-    plan = _plan(block)
+    plan = block_plan(block)
     if plan is None or plan.hooked():
         return None
     B, T, D = x_BTD.shape

@@ -27,13 +27,15 @@ from torch import nn
 
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
-from dsmoe.model import native_block, native_step
+from dsmoe import kernels
+from dsmoe.model import native_block, native_mtp, native_step
 from dsmoe.model.block import Block
 from dsmoe.model.fastpath import Derived, fast_rows, linear_few_rows, plain_linears
 from dsmoe.model.layers import RMSNorm
 from dsmoe.model.mla import ATTN_IMPLS
 from dsmoe.model.moe import MoE, RoutedExperts, RoutingInfo, resolve_expert_impl
 from dsmoe.model.mtp import MTPModule
+from dsmoe.model.quant import int8_linear
 from dsmoe.model.rope import rope_tables
 
 # Absorbed attention pays C-wide dot products per key for every query; for more than a
@@ -161,20 +163,43 @@ class Transformer(nn.Module):
         return self._head(self.norm(h_BTD))
 
     def mtp_hidden(self, depth: int, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, cache=None, *,
-                   attn_impl: str = "auto") -> tuple[torch.Tensor, RoutingInfo | None]:
+                   attn_impl: str = "auto", module: MTPModule | None = None) -> tuple[torch.Tensor, RoutingInfo | None]:
         """MTP module `depth` (1-based) over T positions: position i combines h_prev at i with
         the embedding of t_{i+depth} (`next_tokens_BT`). Returns its hidden state (B, T, D),
         before its `norm`, and its routing. `cache`, when given, holds this module's block
         alone (its layer 0) and is advanced: at inference it lags the main cache by `depth`
-        positions, so it keeps lengths of its own."""
+        positions, so it keeps lengths of its own. `module`: a stand-in for the module (a
+        cheaper copy that drafts run, `speculative.Drafter`)."""
         T = next_tokens_BT.shape[1]
         impl = resolve_attn_impl(attn_impl, T, cache is not None)
         cos, sin, mask = self.rope_and_mask(T, cache)
-        h, info = self.mtp[depth - 1](h_prev_BTD, self.embed(next_tokens_BT), cos, sin,
-                                      cache.layer(0) if cache is not None else None, mask, impl)
+        module = module if module is not None else self.mtp[depth - 1]
+        h, info = module(h_prev_BTD, self.embed(next_tokens_BT), cos, sin,
+                         cache.layer(0) if cache is not None else None, mask, impl)
         if cache is not None:
             cache.advance(T)
         return h, info
+
+    def mtp_step(self, depth: int, h_prev_BTD: torch.Tensor, next_tokens_BT: torch.Tensor, cache,
+                 head: tuple[torch.Tensor, torch.Tensor] | None = None, head_rows: torch.Tensor | None = None,
+                 module: MTPModule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mtp_hidden` over a few new positions at inference, then the module's norm and an
+        output head at the flattened rows `head_rows` (all when None): (h (B, T, D), logits
+        (rows, V)). `head`: an int8 copy of the output head, (weight, row scales), and
+        `module`: a stand-in for the module, that drafts read instead of the model's
+        (`speculative.Drafter`). One native call on a CPU (`native_mtp.py`) when it can be."""
+        module = module if module is not None else self.mtp[depth - 1]
+        if fast_rows(next_tokens_BT, next_tokens_BT.numel()):
+            weight = kernels.weight_from(*head) if head is not None else (
+                kernels.weight_of(self.head) if kernels.takes_linears(self.head) else None)
+            done = native_mtp.step(self, module, h_prev_BTD, next_tokens_BT, cache, weight, head_rows) \
+                if weight is not None else None
+            if done is not None:
+                return done
+        h_BTD, _ = self.mtp_hidden(depth, h_prev_BTD, next_tokens_BT, cache, attn_impl="absorb", module=module)
+        h_MD = h_BTD.reshape(-1, h_BTD.shape[-1])
+        x = module.norm(h_MD if head_rows is None else h_MD[head_rows])
+        return h_BTD, (int8_linear(x, *head) if head is not None else self._head(x))
 
     def mtp_logits(self, depth: int, h_BTD: torch.Tensor) -> torch.Tensor:
         """MTP module `depth`'s norm, then the shared output head."""

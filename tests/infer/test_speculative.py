@@ -13,13 +13,14 @@ def prompts_of(lengths, vocab, seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("mix", [1.0, 0.3, 10.0])  # about 40%, 85% and 0% of drafts accepted
-def test_greedy_speculative_equals_plain_greedy(tiny_args, agreeing_model, mix):
+# mix: about 40%, 85% and 0% of drafts accepted; depth: drafts per step (a chain beyond 1)
+@pytest.mark.parametrize("mix,depth", [(1.0, 1), (0.3, 1), (10.0, 1), (0.3, 3), (1.0, 2)])
+def test_greedy_speculative_equals_plain_greedy(tiny_args, agreeing_model, mix, depth):
     model = agreeing_model(tiny_args, mix)
     prompts = prompts_of([4, 19, 9, 33, 12], tiny_args.vocab_size)
     params = [SamplingParams(max_tokens=n) for n in (20, 25, 7, 30, 1)]
     plain = Engine(model, max_batch=3).generate(prompts, params)
-    engine = Engine(model, max_batch=3, decoder=MTPSpeculation(), prefill_chunk=8)
+    engine = Engine(model, max_batch=3, decoder=MTPSpeculation(depth), prefill_chunk=8)
     spec = engine.generate(prompts, params)
     for a, b in zip(plain, spec):
         assert b.output_ids == a.output_ids and b.finish_reason == a.finish_reason
@@ -28,12 +29,13 @@ def test_greedy_speculative_equals_plain_greedy(tiny_args, agreeing_model, mix):
     assert engine.cache.n_used == engine.decoder.cache.n_used == 0
 
 
-def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
+@pytest.mark.parametrize("depth", [1, 3])
+def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build, depth):
     """Mid-generation, the next draft's distribution equals the draft head over the MTP block of
-    a fresh full forward over the sequence so far: rejected drafts left nothing behind in
-    either cache."""
+    a fresh full forward over the sequence so far: rejected drafts, and a chain's drafted
+    positions, left nothing behind in either cache."""
     model = build(tiny_args)  # random: its MTP block's attention weighs as much as its input
-    engine = Engine(model, speculative=True, prefill_chunk=8)
+    engine = Engine(model, decoder=MTPSpeculation(depth), prefill_chunk=8)
     prompts = prompts_of([13, 6], tiny_args.vocab_size, seed=3)
     reqs = [engine.add_request(p, SamplingParams(max_tokens=40, temperature=1.0, seed=i))
             for i, p in enumerate(prompts)]
@@ -45,10 +47,12 @@ def test_mtp_cache_stays_consistent_with_accepted_tokens(tiny_args, build):
         with torch.no_grad():
             out = model.run(seq, mtp=True)
             # the draft is made at the last position fed to the model, with the pending token,
-            # through the strategy's draft head (an int8 copy of the head with the native kernels)
-            h_mtp, _ = model.mtp_hidden(1, out.hidden[:, :-1], seq[:, 1:])
-            expected = engine.decoder.draft_head.logits(model, h_mtp[:, -1])[0].log_softmax(-1)
+            # by the strategy's drafter (int8 copies of the MTP module and head with the kernels)
+            module = engine.decoder.drafter.module(model)
+            h_mtp, _ = model.mtp_hidden(1, out.hidden[:, :-1], seq[:, 1:], module=module)
+            expected = engine.decoder.drafter.logits(model, h_mtp[:, -1], module)[0].log_softmax(-1)
         torch.testing.assert_close(engine.decoder.draft_of(r)[1].log(), expected, atol=3e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.decoder.draft_of(r)[2], h_mtp[0, -1], atol=3e-5, rtol=1e-5)
         row = engine.running.index(r)
         assert engine.cache.lengths[row] == engine.decoder.cache.lengths[row] == seq.shape[1] - 1
 
@@ -84,33 +88,60 @@ def test_greedy_acceptance_is_argmax_match():
     assert n_acc.tolist() == [1, 0] and nxt.tolist() == [0, 1]  # bonus token; corrected token
 
 
-def test_sampled_speculative_reports_acceptance(tiny_args, agreeing_model):
+@pytest.mark.parametrize("depth", [1, 3])
+def test_sampled_speculative_reports_acceptance(tiny_args, agreeing_model, depth):
     model = agreeing_model(tiny_args, 0.3)
-    engine = Engine(model, speculative=True)
+    engine = Engine(model, decoder=MTPSpeculation(depth))
     reqs = engine.generate(prompts_of([5, 9], tiny_args.vocab_size),
                            SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=5))
     assert all(len(r.output_ids) == 30 for r in reqs)
     s = engine.stats
     assert s.drafted > 0 and 0 < s.acceptance <= 1
-    # each request's step emits its accepted draft (if any) and one more token, cut at max_tokens
-    assert s.drafted <= s.decode_tokens <= s.drafted + s.accepted
+    # each request's step emits its accepted drafts and one more token, cut at max_tokens;
+    # a step drafts `depth` tokens per request, fewer only near the end
+    assert s.drafted / depth <= s.decode_tokens <= s.drafted + s.accepted
     assert s.decode_tokens == sum(len(r.output_ids) - 1 for r in reqs)
 
 
-def test_draft_head_is_an_int8_copy_of_the_head(tiny_args, build, native_kernels):
-    """Drafts read an int8 copy of the head (rebuilt when the head changes); without the
-    native kernels they read the model's MTP head itself."""
+def test_speculative_depth_fits_the_end_of_the_cache(tiny_args, agreeing_model):
+    """Near max_tokens and the end of the cache a step drafts fewer tokens: a prompt that
+    fills the context exactly still decodes, and greedily as plain decoding does."""
+    model = agreeing_model(tiny_args, 0.3)
+    prompt = prompts_of([20], tiny_args.vocab_size)[0]
+    params = SamplingParams(max_tokens=12)
+    plain = Engine(model, max_len=32).generate([prompt], params)[0]
+    spec = Engine(model, max_len=32, decoder=MTPSpeculation(5)).generate([prompt], params)[0]
+    assert spec.output_ids == plain.output_ids and len(spec.output_ids) == 12
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5, "2"])
+def test_a_bad_speculative_depth_is_refused(depth):
+    from dsmoe.errors import DsmoeError
+    with pytest.raises(DsmoeError, match="positive integer"):
+        MTPSpeculation(depth)
+
+
+def test_drafts_read_int8_copies_of_the_head_and_mtp_module(tiny_args, build, native_kernels):
+    """Drafts read int8 copies of the head and of the MTP module, rebuilt when a source
+    weight changes; without the native kernels they read the model's own."""
     from dsmoe import kernels
-    from dsmoe.infer.speculative import DraftHead
-    from dsmoe.model.quant import quantize_rows
+    from dsmoe.infer.speculative import Drafter
+    from dsmoe.model.quant import Int8Linear, quantize_rows
     model = build(tiny_args)
     h = torch.randn(2, tiny_args.dim)
-    head = DraftHead()
+    drafter = Drafter()
     with torch.no_grad():
         q, scale = quantize_rows(model.head.weight)
-        dequantised = torch.nn.functional.linear(model.mtp[0].norm(h), q.float() * scale.float()[:, None])
-        torch.testing.assert_close(head.logits(model, h), dequantised, atol=1e-5, rtol=1e-5)
+        module = drafter.module(model)
+        assert module is not model.mtp[0] and isinstance(module.eh_proj, Int8Linear)
+        assert drafter.module(model) is module  # kept while the weights are unchanged
+        dequantised = torch.nn.functional.linear(module.norm(h), q.float() * scale.float()[:, None])
+        torch.testing.assert_close(drafter.logits(model, h), dequantised, atol=1e-5, rtol=1e-5)
         model.head.weight.mul_(2)
-        torch.testing.assert_close(head.logits(model, h), 2 * dequantised, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(drafter.logits(model, h), 2 * dequantised, atol=2e-5, rtol=1e-5)
+        model.mtp[0].norm.weight.mul_(3)
+        rebuilt = drafter.module(model)
+        assert rebuilt is not module and torch.equal(rebuilt.norm.weight, model.mtp[0].norm.weight)
         with kernels.disabled():
-            assert torch.equal(head.logits(model, h), model.mtp_logits(1, h))
+            assert drafter.module(model) is model.mtp[0]
+            assert torch.equal(drafter.logits(model, h), model.mtp_logits(1, h))
