@@ -41,7 +41,7 @@ from dsmoe.infer.decoding import Decoded, decode_thread_count
 from dsmoe.infer.forward import over_chunks, pad_rows
 from dsmoe.infer.requests import Request, sampling_batch
 from dsmoe.infer.sampling import SamplingBatch, draw, probs, uniform
-from dsmoe.model import native_block
+from dsmoe.model import native_block, native_spec
 from dsmoe.model.fastpath import Derived
 from dsmoe.model.quant import quantize_modules, quantize_rows
 
@@ -267,8 +267,17 @@ class MTPSpeculation:
             q_BV = torch.stack([q if q is not None else torch.nn.functional.one_hot(d, V).float()
                                 for d, q, _ in stored])
         pending_B = torch.tensor([r.output_ids[-1] for r in running], device=cache.device)
-        mtp = self.cache.rows(0, n)
         head, module = self.drafter.head(model), self.drafter.module(model)
+        mtp = self.cache.rows(0, n)
+        if sampling.all_greedy:  # the whole step in one native call, when the kernels take it
+            done = native_spec.greedy_step(model, module, head, pending_B, first_B, g_BD, k, cache, mtp)
+            if done is not None:
+                n_acc_B, tokens_BM, d_B, g_next_BD = done
+                tokens = []
+                for b, (r, a, row) in enumerate(zip(running, n_acc_B.tolist(), tokens_BM.tolist())):
+                    self.drafts[r.id] = (d_B[b], None, g_next_BD[b])
+                    tokens.append(row[:a + 1])
+                return Decoded(tokens, drafted=n * k, accepted=int(n_acc_B.sum()))
         with decode_thread_count(cache.device):
             drafts_BK, q_BKV = chain_drafts(model, first_B, q_BV, g_BD, k, mtp, sampling, head, module)
             n_acc_B, next_B, d_B, q_next_BV, g_next_BD = verify_and_draft(model, pending_B, drafts_BK, q_BKV, cache,

@@ -28,6 +28,6 @@ takes its torch path: the same results up to float summation order.
 Not here: CUDA (the GPU paths are torch's), threads, many rows (BLAS wins there).
 """
 from dsmoe.kernels.build import CACHE_ENV, SWITCH_ENV, cache_dir, disabled  # noqa: E402,F401
-from dsmoe.kernels.ops import (KIND_F32, KIND_INT8, MAX_ROWS, Block, Weight, available, block_decode, block_table,  # noqa: E402,F401
-                               experts, experts_by_id, linear, mtp_decode, stack_decode, step_decode, supports,
-                               takes_linears, weight_from, weight_of)
+from dsmoe.kernels.ops import (KIND_F32, KIND_INT8, MAX_ROWS, MTP, Block, Weight, available,  # noqa: E402,F401
+                               block_decode, block_table, experts, experts_by_id, linear, mtp_decode, spec_greedy,
+                               stack_decode, step_decode, supports, takes_linears, weight_from, weight_of)

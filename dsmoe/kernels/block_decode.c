@@ -1,32 +1,13 @@
 /* One Transformer block for a few new tokens, in one call: h += MLA(attn_norm(h)), then
  * h += FFN(ffn_norm(h)) with the FFN a dense SwiGLU or a MoE layer (dsmoe/model/block.py).
- * The parts are mla_decode.c and moe_decode.c; this file only adds the norms, the
- * residuals and the block's description (`dsmoe_block`, filled once per weight version by
- * dsmoe/model/native_block.py), so a decode step costs one call per layer from Python.
+ * The parts are mla_decode.c and moe_decode.c; this file only adds the norms and the
+ * residuals, reading the block's description (`dsmoe_block` in kernels.h, filled once per
+ * weight version by dsmoe/model/native_block.py); also the whole stack in one call.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
-
-typedef struct dsmoe_block {
-  /* norms */
-  const float *attn_norm, *ffn_norm, *q_norm, *kv_norm;
-  float eps, q_eps, kv_eps, softmax_scale;
-  /* attention: wq_a.rows == 0 when queries are not compressed (wq_b is then wq) */
-  dsmoe_weight wq_a, wq_b, wkv_a, wo, wkv_b;
-  int64_t heads, nope_dim, rope_dim, v_dim, kv_rank;
-  /* feed-forward: a dense SwiGLU (is_moe 0) or the MoE's shared expert (rows 0: none) */
-  dsmoe_weight ffn1, ffn3, ffn2;
-  int64_t is_moe;
-  /* MoE */
-  const float *gate, *bias;
-  int64_t n_experts, top_k, n_groups, n_limited_groups, sigmoid_scores, group_top2, norm_topk;
-  float route_scale;
-  const void *w1, *w3, *w2;
-  const uint16_t *s1, *s3, *s2;
-  int64_t expert_kind, expert_dim;
-} dsmoe_block;
 
 int dsmoe_mla_decode(const float *x, int64_t M, int64_t T, const dsmoe_weight *wq_a, const float *q_norm,
                      const dsmoe_weight *wq_b, const dsmoe_weight *wkv_a, const float *kv_norm,

@@ -77,6 +77,44 @@ static inline void rms_norm_row(float *x, const float *weight, int64_t n, float 
   float inv = 1.0f / sqrtf((float)(ss / n) + eps);
   for (int64_t i = 0; i < n; i++) x[i] = x[i] * inv * weight[i];
 }
+/* One Transformer block's weights and settings (filled by dsmoe/model/native_block.py). */
+typedef struct dsmoe_block {
+  /* norms */
+  const float *attn_norm, *ffn_norm, *q_norm, *kv_norm;
+  float eps, q_eps, kv_eps, softmax_scale;
+  /* attention: wq_a.rows == 0 when queries are not compressed (wq_b is then wq) */
+  dsmoe_weight wq_a, wq_b, wkv_a, wo, wkv_b;
+  int64_t heads, nope_dim, rope_dim, v_dim, kv_rank;
+  /* feed-forward: a dense SwiGLU (is_moe 0) or the MoE's shared expert (rows 0: none) */
+  dsmoe_weight ffn1, ffn3, ffn2;
+  int64_t is_moe;
+  /* MoE */
+  const float *gate, *bias;
+  int64_t n_experts, top_k, n_groups, n_limited_groups, sigmoid_scores, group_top2, norm_topk;
+  float route_scale;
+  const void *w1, *w3, *w2;
+  const uint16_t *s1, *s3, *s2;
+  int64_t expert_kind, expert_dim;
+} dsmoe_block;
+
+/* A multi-token-prediction module (dsmoe/model/mtp.py) and the head its drafts are read
+ * with (filled by dsmoe/model/native_mtp.py). */
+typedef struct {
+  const dsmoe_block *block;
+  const float *enorm, *hnorm, *norm;
+  float enorm_eps, hnorm_eps, norm_eps;
+  dsmoe_weight eh_proj;
+} dsmoe_mtp;
+
+int dsmoe_block_decode(const dsmoe_block *b, float *h, int64_t M, int64_t T, const float *cos, const float *sin,
+                       float *latent, float *k_pe, int64_t latent_row_stride, int64_t k_pe_row_stride,
+                       const int64_t *positions, int64_t *ids, float *weights, float *scores, int64_t *load);
+int dsmoe_stack_decode(const dsmoe_block *const *blocks, int64_t n, float *h, int64_t M, int64_t T,
+                       const float *cos, const float *sin, float *latent, float *k_pe,
+                       int64_t latent_layer_stride, int64_t k_pe_layer_stride, int64_t latent_row_stride,
+                       int64_t k_pe_row_stride, const int64_t *positions, int64_t *ids, float *weights,
+                       float *scores, int64_t *load);
+
 /* Rows of an embedding table (fp32, or int8 with bf16 row scales) for M token ids, row i
  * at out + i * ldo. Returns 0, or -2 for an id outside the table. */
 static inline int gather_rows(const dsmoe_weight *table, const int64_t *ids, int64_t M, float *out, int64_t ldo) {

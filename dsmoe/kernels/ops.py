@@ -40,10 +40,13 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.dsmoe_step_decode.argtypes = [p, i64, ctypes.POINTER(Weight), p, i64, i64, p, p, i64, p, p, i64, i64, i64,
                                       i64, p, p, p, p, p, p, ctypes.c_float, ctypes.POINTER(Weight), p, p]
     lib.dsmoe_step_decode.restype = c_int
-    lib.dsmoe_mtp_decode.argtypes = [ctypes.POINTER(Block), ctypes.POINTER(Weight), p, p, i64, i64, p, p, i64, p, p,
-                                     i64, i64, p, p, p, p, p, p, ctypes.c_float, p, ctypes.c_float,
-                                     ctypes.POINTER(Weight), p, ctypes.c_float, ctypes.POINTER(Weight), p, i64, p, p]
+    lib.dsmoe_mtp_decode.argtypes = [ctypes.POINTER(MTP), ctypes.POINTER(Weight), p, p, i64, i64, p, p, i64, p, p,
+                                     i64, i64, p, p, p, p, p, ctypes.POINTER(Weight), p, i64, p, p]
     lib.dsmoe_mtp_decode.restype = c_int
+    lib.dsmoe_spec_greedy.argtypes = [p, i64, ctypes.POINTER(Weight), p, p, i64, p, p, i64, i64, i64, i64, p,
+                                      ctypes.c_float, ctypes.POINTER(Weight), ctypes.POINTER(MTP),
+                                      ctypes.POINTER(Weight), p, p, i64, i64, i64, i64, p, p, p, p, p, p]
+    lib.dsmoe_spec_greedy.restype = c_int
 
 
 def available() -> bool:
@@ -170,6 +173,12 @@ class Block(ctypes.Structure):
         [(n, ctypes.c_int64) for n in ("expert_kind", "expert_dim")]
 
 
+class MTP(ctypes.Structure):
+    """kernels.h `dsmoe_mtp`: a multi-token-prediction module (its block, norms, eh_proj)."""
+    _fields_ = [("block", ctypes.POINTER(Block))] + [(n, ctypes.c_void_p) for n in ("enorm", "hnorm", "norm")] + \
+        [(n, ctypes.c_float) for n in ("enorm_eps", "hnorm_eps", "norm_eps")] + [("eh_proj", Weight)]
+
+
 def _routing_buffers(n_moe: int, M: int, top_k: int, n_experts: int):
     """Where the kernels write the MoE blocks' routing: ids, weights, scores, load."""
     return (torch.empty(n_moe, M, top_k, dtype=torch.int64), torch.empty(n_moe, M, top_k),
@@ -244,32 +253,29 @@ def step_decode(table, embed: Weight, tokens_BT: torch.Tensor, cos_table: torch.
     return h, logits
 
 
-def mtp_decode(block: Block, embed: Weight, tokens_BT: torch.Tensor, h_prev_MD: torch.Tensor,
+def mtp_decode(mtp: "MTP", embed: Weight, tokens_BT: torch.Tensor, h_prev_MD: torch.Tensor,
                cos_table: torch.Tensor, sin_table: torch.Tensor, latent_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
-               positions_BT: torch.Tensor, top_k: int, n_experts: int, norms: tuple, eh_proj: Weight,
-               head: Weight | None = None, head_rows: torch.Tensor | None = None):
-    """An MTP module over M = B x T new positions (mtp_decode.c): [enorm(embed(tokens));
+               positions_BT: torch.Tensor, top_k: int, n_experts: int, head: Weight | None = None,
+               head_rows: torch.Tensor | None = None):
+    """An MTP module (`MTP`) over M = B x T new positions (mtp_decode.c): [enorm(embed(tokens));
     hnorm(h_prev)], eh_proj, its block over the module's cache rows, then its norm and
-    `head` at the rows `head_rows` (int64, at most 8; every row when None; no head: no
-    logits). `norms`: ((enorm, eps), (hnorm, eps), (norm, eps)).
-    Returns (h (M, D) before the norm, logits (len(head_rows), V) or None, routing or None)."""
+    `head` at the rows `head_rows` (int64, at most M; every row when None; no head: no
+    logits). Returns (h (M, D) before the norm, logits (len(head_rows), V) or None, routing or None)."""
     M, T = tokens_BT.numel(), tokens_BT.shape[-1]
     tokens, positions = tokens_BT.reshape(-1).contiguous(), positions_BT.reshape(-1).contiguous()
     h_prev = h_prev_MD.contiguous()
-    routing = tuple(r[0] for r in _routing_buffers(1, M, top_k, n_experts)) if block.is_moe else None
+    routing = tuple(r[0] for r in _routing_buffers(1, M, top_k, n_experts)) if mtp.block.contents.is_moe else None
     ptrs = [r.data_ptr() for r in routing] if routing is not None else [None] * 4
     h, logits = torch.empty(M, embed.cols), None
     if head is not None:
         head_rows = torch.arange(M) if head_rows is None else head_rows.to(torch.int64).contiguous()
-        if head_rows.numel() > MAX_ROWS:
-            raise ValueError(f"the MTP kernel's head takes at most {MAX_ROWS} rows, got {head_rows.numel()}")
+        if head_rows.numel() > M:
+            raise ValueError(f"the MTP kernel's head takes at most the {M} new positions, got {head_rows.numel()} rows")
         logits = torch.empty(head_rows.numel(), head.rows)
-    (enorm, enorm_eps), (hnorm, hnorm_eps), (norm, norm_eps) = norms
     status = _lib().dsmoe_mtp_decode(
-        ctypes.byref(block), ctypes.byref(embed), tokens.data_ptr(), h_prev.data_ptr(), M, T, cos_table.data_ptr(),
+        ctypes.byref(mtp), ctypes.byref(embed), tokens.data_ptr(), h_prev.data_ptr(), M, T, cos_table.data_ptr(),
         sin_table.data_ptr(), cos_table.shape[-1], latent_BSC.data_ptr(), k_pe_BSR.data_ptr(), latent_BSC.stride(0),
-        k_pe_BSR.stride(0), positions.data_ptr(), *ptrs, enorm.data_ptr(), enorm_eps, hnorm.data_ptr(), hnorm_eps,
-        ctypes.byref(eh_proj), norm.data_ptr(), norm_eps, ctypes.byref(head) if head is not None else None,
+        k_pe_BSR.stride(0), positions.data_ptr(), *ptrs, ctypes.byref(head) if head is not None else None,
         head_rows.data_ptr() if head is not None else None, head_rows.numel() if head is not None else 0,
         h.data_ptr(), logits.data_ptr() if logits is not None else None)
     if status == -2:
@@ -278,6 +284,32 @@ def mtp_decode(block: Block, embed: Weight, tokens_BT: torch.Tensor, h_prev_MD: 
         raise ValueError(f"a head row is outside the {M} new positions")
     _check(status, "MTP")
     return h, logits, routing
+
+
+def spec_greedy(table, embed: Weight, cos_table: torch.Tensor, sin_table: torch.Tensor, latent_LBSC: torch.Tensor,
+                k_pe_LBSR: torch.Tensor, norm: torch.Tensor, eps: float, head: Weight, mtp: "MTP",
+                draft_head: Weight, mtp_latent_BSC: torch.Tensor, mtp_k_pe_BSR: torch.Tensor, K: int,
+                lengths_B: torch.Tensor, pending_B: torch.Tensor, first_B: torch.Tensor, g_BD: torch.Tensor):
+    """A greedy speculative step over B rows with K drafts each (spec_decode.c): the chain of
+    drafts, the verify pass of the main model (the blocks of `table`), acceptance, and the
+    MTP module's catch-up. The caches are written, not advanced. Returns (accepted (B,),
+    tokens (B, K + 1): the accepted drafts then the next token, next first drafts (B,),
+    their MTP hidden states (B, D))."""
+    B = pending_B.shape[0]
+    lengths, pending = lengths_B.to(torch.int64).contiguous(), pending_B.to(torch.int64).contiguous()
+    first, g = first_B.to(torch.int64).clone(), g_BD.float().contiguous().clone()
+    n_acc, tokens = torch.empty(B, dtype=torch.int64), torch.empty(B, K + 1, dtype=torch.int64)
+    status = _lib().dsmoe_spec_greedy(
+        table, len(table), ctypes.byref(embed), cos_table.data_ptr(), sin_table.data_ptr(), cos_table.shape[-1],
+        latent_LBSC.data_ptr(), k_pe_LBSR.data_ptr(), latent_LBSC.stride(0), k_pe_LBSR.stride(0),
+        latent_LBSC.stride(1), k_pe_LBSR.stride(1), norm.data_ptr(), eps, ctypes.byref(head), ctypes.byref(mtp),
+        ctypes.byref(draft_head), mtp_latent_BSC.data_ptr(), mtp_k_pe_BSR.data_ptr(), mtp_latent_BSC.stride(0),
+        mtp_k_pe_BSR.stride(0), B, K, lengths.data_ptr(), pending.data_ptr(), first.data_ptr(), g.data_ptr(),
+        n_acc.data_ptr(), tokens.data_ptr())
+    if status == -2:
+        raise ValueError(f"a token id is outside the vocabulary [0, {embed.rows})")
+    _check(status, "speculative step")
+    return n_acc, tokens, first, g
 
 
 def _lib() -> ctypes.CDLL | None:

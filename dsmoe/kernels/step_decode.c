@@ -10,13 +10,6 @@
 
 #include "kernels.h"
 
-typedef struct dsmoe_block dsmoe_block;
-int dsmoe_stack_decode(const dsmoe_block *const *blocks, int64_t n, float *h, int64_t M, int64_t T,
-                       const float *cos, const float *sin, float *latent, float *k_pe,
-                       int64_t latent_layer_stride, int64_t k_pe_layer_stride, int64_t latent_row_stride,
-                       int64_t k_pe_row_stride, const int64_t *positions, int64_t *ids, float *weights,
-                       float *scores, int64_t *load);
-
 /* tokens, positions: (M,) with M = B x T (row b's tokens at b * T ...). embed: (V, D) fp32
  * or int8 with bf16 row scales; cos_table/sin_table: (max positions, R / 2). h: (M, D)
  * written (the last block's output, before the norm); logits: (M, V). */

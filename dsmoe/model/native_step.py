@@ -40,15 +40,22 @@ class StepPlan(native_block.Watch):
         self.embed, self.head = kernels.weight_of(model.embed), kernels.weight_of(model.head)
 
 
-def step(model, tokens_BT: torch.Tensor, cache):
-    """(h (B, T, D), logits (B, T, V)) of the new tokens, cache written and advanced; or None
-    (nothing done) when the kernel does not take this model or call."""
-    if not kernels.available():
-        return None
+def plan_of(model) -> StepPlan | None:
+    """The model's valid top-level plan, rebuilt if needed; None when the kernel does not
+    take the model or a forward hook waits on one of its top-level modules."""
     plan = model._native_step.plan
     if plan is None or not plan.valid():
         plan = model._native_step.plan = StepPlan(model) if _supported(model) else None
-    if plan is None or plan.hooked() or tokens_BT.device.type != "cpu":
+    return None if plan is None or plan.hooked() else plan
+
+
+def step(model, tokens_BT: torch.Tensor, cache):
+    """(h (B, T, D), logits (B, T, V)) of the new tokens, cache written and advanced; or None
+    (nothing done) when the kernel does not take this model or call."""
+    if not kernels.available() or tokens_BT.device.type != "cpu":
+        return None
+    plan = plan_of(model)
+    if plan is None:
         return None
     B, T = tokens_BT.shape
     cache.positions(T)  # checks the room left and marks the new positions

@@ -145,3 +145,42 @@ def test_drafts_read_int8_copies_of_the_head_and_mtp_module(tiny_args, build, na
         with kernels.disabled():
             assert drafter.module(model) is model.mtp[0]
             assert torch.equal(drafter.logits(model, h), model.mtp_logits(1, h))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_native_greedy_step_equals_the_python_step(tiny_args, agreeing_model, native_kernels, monkeypatch, depth):
+    """A greedy step in one native call (`native_spec.py`) leaves what the Python step
+    leaves: the same tokens, acceptance, next drafts and MTP hidden states, and caches.
+    (Two rows: with more than 8 positions per pass the Python step runs the int8 draft
+    module on torch's kernels, bf16 activations, which agree to ~1e-3 only.)"""
+    from dsmoe.model import native_spec
+    model = agreeing_model(tiny_args, 0.3)
+    prompts = prompts_of([7, 15], tiny_args.vocab_size, seed=2)
+    params = SamplingParams(max_tokens=24)
+
+    def run(native: bool):
+        engine = Engine(model, max_batch=3, decoder=MTPSpeculation(depth), prefill_chunk=8)
+        calls = []
+        real = native_spec.greedy_step
+        monkeypatch.setattr(native_spec, "greedy_step",
+                            lambda *a: calls.append(1) or real(*a) if native else None)
+        reqs = [engine.add_request(p, params) for p in prompts]
+        for _ in range(4):
+            engine.step()
+        state = [engine.decoder.draft_of(r) for r in reqs]
+        lengths = engine.cache.lengths.clone()
+        latent = [engine.cache.latent[:, i, :n].clone() for i, n in enumerate(lengths.tolist())]
+        mtp = [engine.decoder.cache.latent[:, i, :n].clone() for i, n in enumerate(lengths.tolist())]
+        while engine.running or engine.waiting:
+            engine.step()
+        return [r.output_ids for r in reqs], state, latent, mtp, engine.stats, calls
+
+    out, state, latent, mtp, stats, calls = run(True)
+    out_py, state_py, latent_py, mtp_py, stats_py, _ = run(False)
+    assert calls and out == out_py
+    assert (stats.drafted, stats.accepted) == (stats_py.drafted, stats_py.accepted)
+    for (d, _, g), (d_py, _, g_py) in zip(state, state_py):
+        assert int(d) == int(d_py)
+        torch.testing.assert_close(g, g_py, atol=2e-5, rtol=1e-5)
+    for a, b in zip(latent + mtp, latent_py + mtp_py):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
