@@ -67,10 +67,11 @@ DEFAULT_MAX_LEN = 8192  # cache positions per request unless asked otherwise (V3
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 16, max_len: int | None = None,
-                 prefill_chunk: int = 512, decoder=None, speculative: bool = False, compile: bool = False,
+                 prefill_chunk: int = 512, decoder=None, speculative: bool | int | str = False, compile: bool = False,
                  chunked_prefill: bool = True, prefix_cache=None):
         """`decoder`: a decoding strategy (`PlainDecoding(compile)` unless given);
-        `speculative=True` is `decoder=MTPSpeculation()`. `chunked_prefill`: prompts longer than
+        `speculative=True` is `decoder=MTPSpeculation()`, and a depth (drafts per step, or
+        "auto") `decoder=MTPSpeculation(depth)`. `chunked_prefill`: prompts longer than
         `prefill_chunk` (less their cached prefix) are prefilled a chunk per step between decode
         steps (False: at once). `prefix_cache`: a `prefix_cache.PrefixCache` to reuse prompt
         prefixes from (not used when speculating)."""
@@ -78,7 +79,8 @@ class Engine:
         if max_batch < 1 or prefill_chunk < 1:
             raise DsmoeError("max_batch and prefill_chunk must be positive")
         if decoder is None:
-            decoder = MTPSpeculation() if speculative else PlainDecoding(compile=compile)
+            decoder = (MTPSpeculation(1 if speculative is True else speculative) if speculative
+                       else PlainDecoding(compile=compile))
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.args = args

@@ -16,7 +16,7 @@ import sys
 from dsmoe.data.tokenizer import end_of_turn_ids
 from dsmoe.device import add_device_arguments
 from dsmoe.errors import DsmoeError
-from dsmoe.infer import prefix_cache
+from dsmoe.infer import prefix_cache, speculative
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.memory_options import add_memory_arguments
 from dsmoe.infer.prefix_cache import PrefixCacheSettings
@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
-    parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    speculative.add_arguments(parser)
     add_device_arguments(parser, dtype=True)
     parser.add_argument("--max-len", type=int, default=None, help="context per request")
     parser.add_argument("--stats", action="store_true", help="print speed and acceptance to stderr")

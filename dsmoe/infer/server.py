@@ -38,7 +38,7 @@ import uuid
 
 from dsmoe.device import add_device_arguments
 from dsmoe.errors import DsmoeError
-from dsmoe.infer import prefix_cache
+from dsmoe.infer import prefix_cache, speculative
 from dsmoe.infer.engine import Engine
 from dsmoe.infer.expert_store import store_stats
 from dsmoe.infer.generate import load_engine
@@ -348,7 +348,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     parser.add_argument("--max-len", type=int, default=None, help="context per request (default: "
                         "the model's, at most 8192)")
-    parser.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    speculative.add_arguments(parser)
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help=f"largest request body accepted, else 413 (default: {MAX_BODY_BYTES})")
     parser.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests waiting or running at "

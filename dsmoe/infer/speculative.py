@@ -29,6 +29,7 @@ each depth's cache to lag one more position), tree drafts.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import operator
 
@@ -188,18 +189,59 @@ def verify_and_draft(model, pending_B: torch.Tensor, drafts_BK: torch.Tensor, q_
     return n_acc_B, next_B, d_B, q_next_BV, g_BTD.reshape(B * T, -1)[rows_B]
 
 
+class DepthChooser:
+    """`depth="auto"`: drafts per step chosen from measured acceptance. Draft i of a chain is
+    worth running while the chance that it is reached and accepted, the product of the
+    measured conditional acceptance of drafts 1..i, is at least `worth` (the share of a
+    plain step that one more draft and verified position cost: ~0.3-0.5 on a CPU,
+    measured in bench/decode_fast.py; 0.5 keeps to the safe side). A draft position not
+    yet measured is given the one before it's rate, so the chain grows to find out.
+    Deterministic given the tokens (no timing), so a seeded request decodes the same way
+    whenever it runs alone."""
+
+    def __init__(self, max_depth: int = 4, worth: float = 0.5, prior: int = 4):
+        self.max_depth, self.worth, self.prior = max_depth, worth, prior
+        self.reached = [0] * (max_depth + 1)  # [i]: times draft i was judged (drafts < i accepted)
+        self.accepted = [0] * (max_depth + 1)
+
+    def rate(self, i: int, before: float) -> float:
+        """Measured conditional acceptance of draft i, shrunk toward `before` (the rate of
+        draft i - 1) by `prior` pseudo-counts."""
+        n = self.reached[i] + self.prior
+        return (self.accepted[i] + self.prior * before) / n if n else before
+
+    def depth(self) -> int:
+        depth, reach, rate = 1, 1.0, 1.0
+        for i in range(1, self.max_depth + 1):
+            rate = self.rate(i, rate)
+            reach *= rate
+            if i > 1 and reach < self.worth:
+                break
+            depth = i
+        return depth
+
+    def record(self, k: int, accepted: list[int]) -> None:
+        """One step's outcome: k drafts per row, `accepted` leading drafts of each row."""
+        for a in accepted:
+            for i in range(1, min(k, a + 1) + 1):
+                self.reached[i] += 1
+                self.accepted[i] += i <= a
+
+
 # ------------------------------------------------------------------- the strategy
 class MTPSpeculation:
     """Draft `depth` tokens with the MTP module, verify them with one main pass (a decoding
     strategy). `depth` 1 drafts the token after next as DeepSeek-V3 trained the module to;
-    deeper chains run the module again on its own output (`chain_drafts`)."""
+    deeper chains run the module again on its own output (`chain_drafts`); "auto" chooses
+    the depth from measured acceptance (`DepthChooser`)."""
     speculative = True
     keeps_hidden = True  # the MTP block reads the main model's hidden state at every prompt position
 
-    def __init__(self, depth: int = 1):
-        if not isinstance(depth, int) or depth < 1:
+    def __init__(self, depth: int | str = 1):
+        self.chooser = DepthChooser() if depth == "auto" else None
+        if self.chooser is None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
             raise DsmoeError(f"the speculative depth is the number of drafts per step: give a positive "
-                             f"integer, not {depth!r}")
+                             f"integer or 'auto', not {depth!r}")
         self.depth = depth
         self.cache: LatentCache | None = None  # the MTP block's, one row per running request
         # request id -> (first draft, its distribution or None when drawn greedily, the MTP
@@ -249,11 +291,18 @@ class MTPSpeculation:
             self.drafts[r.id] = (d_B[b], q_BV[b] if q_BV is not None else None, h_BD[b])
 
     def depth_for(self, running: list[Request], cache: CacheView) -> int:
-        """This step's drafts per row: `depth`, fewer when a row has fewer tokens left to
-        make or the cache less room (a verify pass writes drafts + 1 positions)."""
+        """This step's drafts per row: `depth` (or the chooser's), fewer when a row has fewer
+        tokens left to make or the cache less room (a verify pass writes drafts + 1 positions)."""
         left = min(r.params.max_tokens - len(r.output_ids) for r in running)
         room = cache.cache.max_len - cache.max_length() - 1
-        return max(1, min(self.depth, left, room))
+        depth = self.chooser.depth() if self.chooser is not None else self.depth
+        return max(1, min(depth, left, room))
+
+    def _decoded(self, tokens: list[list[int]], k: int, n_acc_B: torch.Tensor) -> Decoded:
+        accepted = n_acc_B.tolist()
+        if self.chooser is not None:
+            self.chooser.record(k, accepted)
+        return Decoded(tokens, drafted=len(tokens) * k, accepted=sum(accepted))
 
     def decode(self, model, running: list[Request], cache: CacheView, sampling: SamplingBatch) -> Decoded:
         n = len(running)
@@ -277,7 +326,7 @@ class MTPSpeculation:
                 for b, (r, a, row) in enumerate(zip(running, n_acc_B.tolist(), tokens_BM.tolist())):
                     self.drafts[r.id] = (d_B[b], None, g_next_BD[b])
                     tokens.append(row[:a + 1])
-                return Decoded(tokens, drafted=n * k, accepted=int(n_acc_B.sum()))
+                return self._decoded(tokens, k, n_acc_B)
         with decode_thread_count(cache.device):
             drafts_BK, q_BKV = chain_drafts(model, first_B, q_BV, g_BD, k, mtp, sampling, head, module)
             n_acc_B, next_B, d_B, q_next_BV, g_next_BD = verify_and_draft(model, pending_B, drafts_BK, q_BKV, cache,
@@ -286,4 +335,19 @@ class MTPSpeculation:
         for b, (r, a, ds, t) in enumerate(zip(running, n_acc_B.tolist(), drafts_BK.tolist(), next_B.tolist())):
             self.drafts[r.id] = (d_B[b], q_next_BV[b] if q_next_BV is not None else None, g_next_BD[b])
             tokens.append(ds[:a] + [t])
-        return Decoded(tokens, drafted=n * k, accepted=int(n_acc_B.sum()))
+        return self._decoded(tokens, k, n_acc_B)
+
+
+def parse_depth(text: str) -> int | str:
+    """`--speculative DEPTH`: a positive number of drafts per step, or 'auto'."""
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of drafts per step, or 'auto'")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative", nargs="?", const=1, default=False, type=parse_depth, metavar="DEPTH",
+                        help="MTP self-speculative decoding; DEPTH: drafts per step (default 1, what the MTP "
+                             "module is trained for) or 'auto' (chosen from measured acceptance)")

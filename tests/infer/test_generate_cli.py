@@ -48,10 +48,11 @@ def test_generate_chat_and_speculative_with_stats(model_dir, capsys):
     args = ["generate", "--model", str(model_dir), "--prompt", "hi there", "--max-tokens", "9", "--chat"]
     assert main(args) == 0
     plain = capsys.readouterr().out
-    assert main(args + ["--speculative", "--stats"]) == 0
-    out = capsys.readouterr()
-    assert out.out == plain  # greedy speculative decoding changes nothing but the speed
-    assert "decode" in out.err and "drafts accepted" in out.err
+    for depth in ([], ["3"], ["auto"]):  # drafts per step: 1 by default, a chain, chosen
+        assert main(args + ["--speculative", *depth, "--stats"]) == 0
+        out = capsys.readouterr()
+        assert out.out == plain  # greedy speculative decoding changes nothing but the speed
+        assert "decode" in out.err and "drafts accepted" in out.err
     _, tokenizer = load_model_dir(model_dir)
     ref = expected(model_dir, chat_ids(tokenizer, "hi there"), max_tokens=9,
                    stop_token_ids=end_of_turn_ids(tokenizer))
@@ -93,3 +94,9 @@ def test_serve_verb_binds_loopback_and_answers(model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("depth", ["0", "-2", "deep"])
+def test_a_bad_speculative_depth_is_named(model_dir, capsys, depth):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", "--speculative", depth]) == 2
+    assert "give a positive number of drafts per step, or 'auto'" in capsys.readouterr().err

@@ -114,11 +114,44 @@ def test_speculative_depth_fits_the_end_of_the_cache(tiny_args, agreeing_model):
     assert spec.output_ids == plain.output_ids and len(spec.output_ids) == 12
 
 
-@pytest.mark.parametrize("depth", [0, -1, 1.5, "2"])
+@pytest.mark.parametrize("depth", [0, -1, 1.5, "2", True])
 def test_a_bad_speculative_depth_is_refused(depth):
     from dsmoe.errors import DsmoeError
-    with pytest.raises(DsmoeError, match="positive integer"):
+    with pytest.raises(DsmoeError, match="positive integer or 'auto'"):
         MTPSpeculation(depth)
+
+
+def test_the_depth_chooser_follows_measured_acceptance():
+    """A chain grows while the chance that its last draft is reached and accepted is worth
+    a draft, probing an unmeasured position with the rate of the one before."""
+    from dsmoe.infer.speculative import DepthChooser
+    chooser = DepthChooser(max_depth=4, worth=0.5, prior=4)
+    assert chooser.depth() == 4  # nothing measured: optimistic, so the chain is explored
+    for _ in range(50):
+        chooser.record(4, [4])  # every draft accepted
+    assert chooser.depth() == 4
+    poor = DepthChooser(max_depth=4, worth=0.5, prior=4)
+    for _ in range(50):
+        poor.record(2, [0])  # the first draft always rejected: the second never judged
+    assert poor.depth() == 1 and poor.reached[2] == 0
+    mid = DepthChooser(max_depth=4, worth=0.5, prior=0)
+    for a in [2, 1, 1, 0, 2, 1, 1, 1, 0, 2]:  # draft 1: 8/10; draft 2: 3/8
+        mid.record(2, [a])
+    assert mid.reached[1:3] == [10, 8] and mid.accepted[1:3] == [8, 3]
+    assert mid.depth() == 1  # 0.8 x 0.375 = 0.3 < 0.5
+    mid.worth = 0.25
+    assert mid.depth() == 2  # 0.3 >= 0.25; draft 3 unmeasured: 0.3 x 0.375 < 0.25
+
+
+def test_auto_depth_decodes_as_plain_greedy(tiny_args, agreeing_model):
+    model = agreeing_model(tiny_args, 0.3)
+    prompts = prompts_of([6, 11], tiny_args.vocab_size, seed=4)
+    params = SamplingParams(max_tokens=30)
+    plain = Engine(model, max_batch=2).generate(prompts, params)
+    engine = Engine(model, max_batch=2, speculative="auto")
+    spec = engine.generate(prompts, params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert engine.decoder.chooser.reached[2] > 0  # deeper drafts were tried
 
 
 def test_drafts_read_int8_copies_of_the_head_and_mtp_module(tiny_args, build, native_kernels):
