@@ -15,10 +15,11 @@ Rows (`small` preset, random weights, seed 0, fp32, no MTP unless --model):
   1) / (N - 1) steps, as bench/decode.py measures), thread CPU time and wall time;
 - `threads`: wall time of a batch-1 step with 1 and with 2 torch threads (the decode
   thread-count default, `dsmoe/infer/decoding.py`);
-- `spec-cost`: a speculative step's cost against a plain one (random weights), hence the
-  acceptance a speedup needs;
+- `spec-cost`: a speculative step's cost against a plain one at depths 1-3 (random
+  weights), hence the tokens per step a speedup needs;
 - `speculative` (with `--model DIR`, a trained model with an MTP layer): plain against MTP
-  speculative decoding, batch 1, greedy: tokens/s (thread CPU time), acceptance, identical output.
+  speculative decoding at depths 1-3 and auto, batch 1, greedy, one prompt per domain:
+  tokens/s (thread CPU time), acceptance, tokens per step, identical output.
 
     python bench/decode_fast.py [--only step,engine,threads,speculative] [--model DIR] [--compile]
 Also runs against another checkout of dsmoe for a before/after comparison of `step`:
@@ -164,51 +165,65 @@ def thread_rows(model, steps: int = 20, rounds: int = 5) -> list[str]:
     return rows
 
 
-def speculative_rows(model_dir: str, N: int = 96, rounds: int = 3) -> list[str]:
+def speculative_rows(model_dir: str, N: int = 96, rounds: int = 3, depths=(1, 2, 3, "auto")) -> list[str]:
+    """Plain against MTP speculative decoding at each depth, batch 1, greedy, over one prompt
+    per domain (bench/decode.py's): tokens/s in thread CPU time, acceptance, tokens per step."""
+    from bench.decode import SPEC_PROMPTS
     from dsmoe.infer.requests import tokenize_prompt
     from dsmoe.interop.hf import load_model_dir
     model, tok = load_model_dir(model_dir)
-    prompt = tokenize_prompt(tok, "The history of the city begins")
-    N = min(N, model.args.max_seq_len - len(prompt) - 1)
-    plain = Engine(model, tok, max_batch=1, max_len=len(prompt) + N + 2)
-    spec = Engine(model, tok, max_batch=1, max_len=len(prompt) + N + 2, speculative=True)
+    prompts = [tokenize_prompt(tok, text) for text in SPEC_PROMPTS]
+    N = min(N, model.args.max_seq_len - max(map(len, prompts)) - 1)
+    max_len = max(map(len, prompts)) + N + 1
+    engines = {"plain": Engine(model, tok, max_batch=1, max_len=max_len)}
+    engines.update({d: Engine(model, tok, max_batch=1, max_len=max_len, speculative=d) for d in depths})
     params = SamplingParams(max_tokens=N, ignore_eos=True)
-    same = plain.generate([prompt], params)[0].output_ids == spec.generate([prompt], params)[0].output_ids
-    spec.stats.__init__()
-    jobs = {"plain": lambda: plain.generate([prompt], params), "spec": lambda: spec.generate([prompt], params)}
-    rows = []
-    for kind in ("cpu", "wall"):
-        t = median_times(jobs, rounds, kind)
-        rows.append(f"speculative ({kind}): plain {N / t['plain']:.1f} tok/s, MTP {N / t['spec']:.1f} tok/s, "
-                    f"{t['plain'] / t['spec']:.2f}x")
-    rows.append(f"speculative acceptance {100 * spec.stats.acceptance:.1f}% "
-                f"({spec.stats.accepted}/{spec.stats.drafted}); output identical to plain: {same}")
+
+    def run_all(engine):
+        return [engine.generate([p], params)[0].output_ids for p in prompts]
+
+    reference = run_all(engines["plain"])
+    same = {name: run_all(e) == reference for name, e in engines.items()}
+    for e in engines.values():
+        e.stats.__init__()
+    t = median_times({name: lambda e=e: run_all(e) for name, e in engines.items()}, rounds, "cpu")
+    total = N * len(prompts)
+    rows = [f"speculative: plain {total / t['plain']:.1f} tok/s (cpu), {len(prompts)} prompts x {N} tokens"]
+    for d in depths:
+        st = engines[d].stats
+        rows.append(f"speculative depth {d}: {total / t[d]:.1f} tok/s (cpu), {t['plain'] / t[d]:.2f}x plain; "
+                    f"acceptance {100 * st.acceptance:.1f}% ({st.accepted}/{st.drafted}), "
+                    f"{st.decode_tokens / max(st.decode_steps, 1):.2f} tokens per step; same output: {same[d]}")
     return rows
 
 
-def spec_cost_rows(N: int = 48, rounds: int = 3) -> list[str]:
+def spec_cost_rows(N: int = 48, rounds: int = 3, depths=(1, 2, 3)) -> list[str]:
     """What a speculative step costs against a plain one (random `small` weights with an MTP
-    layer, batch 1, thread CPU time): with acceptance a, speculation yields (1 + a) tokens
-    per step, so its speedup is (1 + a) x plain step / speculative step."""
+    layer, batch 1, thread CPU time), per depth k: with tokens per step E, speculation's
+    speedup is E x plain step / speculative step. Random weights accept almost nothing, so
+    every step runs the full chain and verify pass, the cost that matters."""
     model = small_model(mtp=1)
     prompt = list(range(1, 33))
-    plain = Engine(model, max_batch=1, max_len=128)
-    spec = Engine(model, max_batch=1, max_len=128, speculative=True)
-    params = SamplingParams(max_tokens=N, ignore_eos=True)
-    jobs = {n: {"plain": lambda n=n: plain.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True)),
-                "spec": lambda n=n: spec.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))}
-            for n in (1, N)}
-    spec.stats.__init__()
+    engines = {"plain": Engine(model, max_batch=1, max_len=128)}
+    engines.update({k: Engine(model, max_batch=1, max_len=128, speculative=k) for k in depths})
+    jobs = {n: {name: lambda e=e, n=n: e.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+                for name, e in engines.items()} for n in (1, N)}
+    for e in engines.values():
+        e.stats.__init__()
     t1, tn = median_times(jobs[1], rounds, "cpu"), median_times(jobs[N], rounds, "cpu")
-    a = spec.stats.acceptance
-    spec_tokens = spec.stats.decode_tokens / max(spec.stats.decode_steps, 1)
-    plain_step = (tn["plain"] - t1["plain"]) / (N - 1)
-    spec_step = (tn["spec"] - t1["spec"]) / ((N - 1) / spec_tokens)
-    ratio = plain_step / spec_step
-    del params
-    return [f"spec cost: plain step {1e3 * plain_step:.2f} ms, speculative step {1e3 * spec_step:.2f} ms "
-            f"(cpu; acceptance here {100 * a:.0f}%, random weights): speedup = (1 + a) x {ratio:.2f}, "
-            f"1.5x needs a >= {1.5 / ratio - 1:.2f}"]
+
+    def step(name):
+        st = engines[name].stats
+        per_step = st.decode_tokens / max(st.decode_steps, 1) if name != "plain" else 1.0
+        return (tn[name] - t1[name]) / ((N - 1) / per_step)
+
+    plain = step("plain")
+    rows = [f"spec cost: plain step {1e3 * plain:.2f} ms (cpu, random weights)"]
+    for k in depths:
+        cost = step(k) / plain
+        rows.append(f"spec cost depth {k}: {1e3 * step(k):.2f} ms = {cost:.2f}x a plain step; "
+                    f"1.5x needs {1.5 * cost:.2f} tokens per step (at most {k + 1})")
+    return rows
 
 
 def main() -> None:
