@@ -183,19 +183,7 @@ def speculative_rows(quick: bool, model_dir: str | None) -> list[dict]:
     model, tokenizer = load_model_dir(path)
     N = 48 if quick else 96
     rounds = 2 if quick else 5
-    prompts = [tokenize_prompt(tokenizer, text) for text in SPEC_PROMPTS]
-    N = min(N, model.args.max_seq_len - max(map(len, prompts)) - 1)
-    params = SamplingParams(max_tokens=N, ignore_eos=True)
-    engines = {"plain": Engine(model, tokenizer, max_batch=1)}
-    engines.update({f"depth {d}": Engine(model, tokenizer, max_batch=1, speculative=d) for d in SPEC_DEPTHS})
-
-    def run_all(engine):
-        return [engine.generate([p], params)[0].output_ids for p in prompts]
-
-    reference = run_all(engines["plain"])
-    same = {name: run_all(e) == reference for name, e in engines.items()}
-    for e in engines.values():
-        e.stats.__init__()
+    engines, run_all, same, prompts, N = speculative_engines(model, tokenizer, SPEC_DEPTHS, N)
     gguf, llama_note = _llamacpp_model(path)
     times = {name: [] for name in engines}
     llama_rates = []
@@ -212,24 +200,46 @@ def speculative_rows(quick: bool, model_dir: str | None) -> list[dict]:
     rows = [{"benchmark": "decode", "metric": "plain_tokens_per_s", "value": rate["plain"], "unit": "tok/s",
              "note": f"{shown}, batch 1, {N} greedy tokens after each of {len(prompts)} prompts"}]
     for d in SPEC_DEPTHS:
-        s = engines[f"depth {d}"].stats
+        s = engines[d].stats
         rows += [
-            {"benchmark": "decode", "metric": f"speculative_speedup_depth_{d}", "value": rate[f"depth {d}"] / rate["plain"],
-             "unit": "x", "note": f"{rate[f'depth {d}']:,.1f} tok/s; {s.decode_tokens / max(s.decode_steps, 1):.2f} "
-                                 f"tokens per step; output identical to plain: {same[f'depth {d}']}; target >= 1.5"},
+            {"benchmark": "decode", "metric": f"speculative_speedup_depth_{d}", "value": rate[d] / rate["plain"],
+             "unit": "x", "note": f"{rate[d]:,.1f} tok/s; {s.decode_tokens / max(s.decode_steps, 1):.2f} tokens per "
+                                 f"step; output identical to plain: {same[d]}; target >= 1.5"},
             {"benchmark": "decode", "metric": f"speculative_acceptance_depth_{d}", "value": 100 * s.acceptance,
              "unit": "%", "note": f"{s.accepted}/{s.drafted} drafts; target >= 75"},
         ]
-    best = max(SPEC_DEPTHS, key=lambda d: rate[f"depth {d}"])
+    best = max(SPEC_DEPTHS, key=lambda d: rate[d])
     if gguf is not None:
         rows.append({"benchmark": "decode", "metric": "speculative_vs_llamacpp_batch1",
-                     "value": rate[f"depth {best}"] / rate["llama.cpp"], "unit": "x",
+                     "value": rate[best] / rate["llama.cpp"], "unit": "x",
                      "note": f"depth {best} against llama.cpp's batch-1 decode of the same weights "
                              f"({rate['llama.cpp']:,.1f} tok/s, llama-bench, {llama_note}); target >= 1.2"})
     else:
         rows.append({"benchmark": "decode", "metric": "speculative_vs_llamacpp_batch1", "value": float("nan"),
                      "unit": "x", "note": llama_note})
     return rows
+
+
+def speculative_engines(model, tokenizer, depths, N: int):
+    """Engines for plain decoding ("plain") and speculation at each depth, batch 1; a function
+    that runs greedy N tokens after each of SPEC_PROMPTS on one and returns the outputs;
+    whether each engine's outputs equal plain decoding's (stats then reset); the prompts;
+    N, cut to fit the model's context."""
+    prompts = [tokenize_prompt(tokenizer, text) for text in SPEC_PROMPTS]
+    N = min(N, model.args.max_seq_len - max(map(len, prompts)) - 1)
+    max_len = max(map(len, prompts)) + N + 1
+    engines = {"plain": Engine(model, tokenizer, max_batch=1, max_len=max_len)}
+    engines.update({d: Engine(model, tokenizer, max_batch=1, max_len=max_len, speculative=d) for d in depths})
+    params = SamplingParams(max_tokens=N, ignore_eos=True)
+
+    def run_all(engine):
+        return [engine.generate([p], params)[0].output_ids for p in prompts]
+
+    reference = run_all(engines["plain"])
+    same = {name: run_all(e) == reference for name, e in engines.items()}
+    for e in engines.values():
+        e.stats.__init__()
+    return engines, run_all, same, prompts, N
 
 
 def _llamacpp_model(hf_dir: Path) -> tuple[Path | None, str]:

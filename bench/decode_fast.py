@@ -168,24 +168,10 @@ def thread_rows(model, steps: int = 20, rounds: int = 5) -> list[str]:
 def speculative_rows(model_dir: str, N: int = 96, rounds: int = 3, depths=(1, 2, 3, "auto")) -> list[str]:
     """Plain against MTP speculative decoding at each depth, batch 1, greedy, over one prompt
     per domain (bench/decode.py's): tokens/s in thread CPU time, acceptance, tokens per step."""
-    from bench.decode import SPEC_PROMPTS
-    from dsmoe.infer.requests import tokenize_prompt
+    from bench.decode import speculative_engines
     from dsmoe.interop.hf import load_model_dir
     model, tok = load_model_dir(model_dir)
-    prompts = [tokenize_prompt(tok, text) for text in SPEC_PROMPTS]
-    N = min(N, model.args.max_seq_len - max(map(len, prompts)) - 1)
-    max_len = max(map(len, prompts)) + N + 1
-    engines = {"plain": Engine(model, tok, max_batch=1, max_len=max_len)}
-    engines.update({d: Engine(model, tok, max_batch=1, max_len=max_len, speculative=d) for d in depths})
-    params = SamplingParams(max_tokens=N, ignore_eos=True)
-
-    def run_all(engine):
-        return [engine.generate([p], params)[0].output_ids for p in prompts]
-
-    reference = run_all(engines["plain"])
-    same = {name: run_all(e) == reference for name, e in engines.items()}
-    for e in engines.values():
-        e.stats.__init__()
+    engines, run_all, same, prompts, N = speculative_engines(model, tok, depths, N)
     t = median_times({name: lambda e=e: run_all(e) for name, e in engines.items()}, rounds, "cpu")
     total = N * len(prompts)
     rows = [f"speculative: plain {total / t['plain']:.1f} tok/s (cpu), {len(prompts)} prompts x {N} tokens"]

@@ -17,20 +17,6 @@
 
 #include "kernels.h"
 
-int dsmoe_step_decode(const dsmoe_block *const *blocks, int64_t n, const dsmoe_weight *embed,
-                      const int64_t *tokens, int64_t M, int64_t T, const float *cos_table,
-                      const float *sin_table, int64_t half_rope, float *latent, float *k_pe,
-                      int64_t latent_layer_stride, int64_t k_pe_layer_stride, int64_t latent_row_stride,
-                      int64_t k_pe_row_stride, const int64_t *positions, int64_t *ids, float *weights,
-                      float *scores, int64_t *load, const float *norm, float eps, const dsmoe_weight *head,
-                      float *h, float *logits);
-int dsmoe_mtp_decode(const dsmoe_mtp *mtp, const dsmoe_weight *embed, const int64_t *tokens, const float *h_prev,
-                     int64_t M, int64_t T, const float *cos_table, const float *sin_table, int64_t half_rope,
-                     float *latent, float *k_pe, int64_t latent_row_stride, int64_t k_pe_row_stride,
-                     const int64_t *positions, int64_t *ids, float *weights, float *scores, int64_t *load,
-                     const dsmoe_weight *head, const int64_t *head_rows, int64_t n_head, float *h,
-                     float *logits);
-
 static int64_t argmax_row(const float *x, int64_t n) {
   int64_t best = 0;
   for (int64_t i = 1; i < n; i++)
