@@ -2,30 +2,35 @@
 
 At inference the depth-1 MTP module drafts the token after next: at position i it takes
 the main model's hidden state h_i and the embedding of t_{i+1} and predicts t_{i+2}.
-Each step, for every running request with pending token t_n and a draft d for t_{n+1}:
-1. verify: one forward pass of the main model over [t_n, d] (absorbed attention) gives
-   the target distributions p(.|..t_n) and p(.|..t_n, d);
-2. accept d with probability min(1, p(d)/q(d)) (q: the draft's distribution), else
-   sample the next token from norm(max(0, p - q)); when d is accepted, a bonus token is
-   sampled from the second position (Leviathan et al. 2023, Chen et al. 2023): the output
-   has exactly the distribution of plain sampling, and greedy output is plain greedy's;
-3. rewind the rejected position from the main cache (per row: rows accept independently);
-4. run the MTP block over the positions just confirmed (1 or 2), which both keeps its own
-   cache consistent and yields the next draft.
+Each step, for every running request with pending token t_n and a first draft d_1 for t_{n+1}:
+0. chain (depth k > 1): run the module again at position n + j on its own output hidden
+   state and d_j to draft d_{j+1}, up to d_k (SGLang and vLLM run V3's one MTP layer so);
+1. verify: one forward pass of the main model over [t_n, d_1 .. d_k] (absorbed attention)
+   gives the target distributions at the k + 1 positions;
+2. accept each d_j with probability min(1, p(d_j)/q(d_j)) (q: its draft distribution)
+   while the ones before it were; at the first rejection sample the next token from
+   norm(max(0, p - q)); when all are accepted, a bonus token from the last position
+   (Leviathan et al. 2023, Chen et al. 2023): the output has exactly the distribution of
+   plain sampling, and greedy output is plain greedy's;
+3. rewind the rejected positions from the main cache (per row: rows accept independently);
+4. run the MTP block over the positions just confirmed (1 to k + 1) with the main model's
+   hidden states, which keeps its cache consistent (overwriting the chain's entries) and
+   yields the next first draft.
 
-`MTPSpeculation` is a decoding strategy (`dsmoe/infer/decoding.py`) handed to the engine:
-`Engine(model, decoder=MTPSpeculation())`. It owns the MTP block's cache and each running
-request's pending draft; the engine knows neither.
+`MTPSpeculation(depth)` is a decoding strategy (`dsmoe/infer/decoding.py`) handed to the
+engine: `Engine(model, speculative=depth)`. It owns the MTP block's cache and each running
+request's pending draft; the engine knows neither. Drafts read int8 copies of the MTP
+module and the head (`Drafter`); a greedy step is one native call on a CPU
+(`dsmoe/model/native_spec.py`), the Python below being the same algorithm for every case.
 
 Notable:
-- The MTP block's cache has its own lengths: it lags the main cache by one position
-  (position i needs t_{i+1}). Rejected positions never reach it, so it never rewinds
-  anything but padding.
-- After prefill, the MTP block catches up over the whole prompt in chunks (`prefilled`);
-  from then on each step is one main pass over 2 tokens and one MTP pass over at most 2.
+- The MTP block's cache has its own lengths, equal to the main cache's between steps:
+  its position i needs t_{i+1}, so it covers the pending token's position only once the
+  next step confirms it. Rejected positions never stay in it.
+- After prefill, the MTP block catches up over the whole prompt in chunks (`prefilled`).
 - Batched: rows accept different numbers of tokens and simply end at different lengths.
-Not here: drafting with more than one MTP depth (V3 ships depth 1; a deeper chain would need
-each depth's cache to lag one more position), tree drafts.
+Not here: deeper MTP modules (V3 ships one; each would need a cache lagging one more
+position), tree drafts.
 """
 from __future__ import annotations
 
