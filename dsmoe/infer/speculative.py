@@ -50,6 +50,7 @@ from dsmoe.infer.sampling import SamplingBatch, draw, probs, uniform
 from dsmoe.model import native_block, native_spec
 from dsmoe.model.fastpath import Derived
 from dsmoe.model.quant import quantize_modules, quantize_rows
+from dsmoe.model.sparse_experts import SparseExperts
 
 _version = operator.attrgetter("_version")
 
@@ -115,10 +116,12 @@ class Drafter:
         return self._derived.get("head_int8", quantize_rows, model.head.weight) if self._cheap(model) else None
 
     def module(self, model):
-        """The MTP module drafts run: an int8 copy of the model's (depth 1), or the module.
-        The copy is kept while no source parameter is replaced, moved or updated in place
-        (a flat identity, address and version check, ~5 us; walking the module's parameters
-        each step cost ~0.1 ms)."""
+        """The MTP module drafts run: an int8 copy of the model's (depth 1), or the module
+        itself when its weights are not all fp32 or its experts are kept elsewhere (paged
+        from disk: `sparse_experts.py`, which a copy would duplicate). The choice is kept
+        while no source parameter is replaced, moved or updated in place (a flat identity,
+        address and version check, ~5 us; walking the module's parameters each step cost
+        ~0.1 ms)."""
         source = model.mtp[0]
         if not self._cheap(model):
             return source
@@ -127,12 +130,13 @@ class Drafter:
                 and list(map(_version, kept[1].tensors)) == kept[2]:
             return kept[0]
         watch = native_block.Watch([source], extra=[(model.mtp._modules, "0", source)])
-        if any(t.dtype != torch.float32 for t in watch.tensors):
-            return source
-        with torch.no_grad():
-            copied = quantize_modules(copy.deepcopy(source)).eval()
-        self._copy = (copied, watch, list(map(_version, watch.tensors)))
-        return copied
+        chosen = source
+        if all(t.dtype == torch.float32 for t in watch.tensors) \
+                and not any(isinstance(m, SparseExperts) for m in source.modules()):
+            with torch.no_grad():
+                chosen = quantize_modules(copy.deepcopy(source)).eval()
+        self._copy = (chosen, watch, list(map(_version, watch.tensors)))
+        return chosen
 
     def logits(self, model, h_BD: torch.Tensor, module=None) -> torch.Tensor:
         """Draft logits from the MTP module's hidden states (B, D): its norm, then the head."""

@@ -70,6 +70,20 @@ def test_greedy_decoding_is_unchanged(checkpoint):
     assert health[1]["bytes_held"] <= health[1]["budget_bytes"]
 
 
+def test_speculation_over_offloaded_experts_drafts_with_the_module_itself(checkpoint):
+    """With experts paged from disk, drafts run the MTP module itself (an int8 copy would
+    duplicate the store), and greedy speculative output stays plain greedy's."""
+    prompts = [[5, 9, 2, 7], [3, 3, 1]]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    budget = 12 * _expert_bytes(_args())
+    plain, _ = load_engine(checkpoint, device="cpu", dtype="fp32", max_expert_memory=budget, max_batch=2)
+    spec, _ = load_engine(checkpoint, device="cpu", dtype="fp32", max_expert_memory=budget, max_batch=2,
+                          speculative=2)
+    assert [r.output_ids for r in spec.generate(prompts, params)] == \
+        [r.output_ids for r in plain.generate(prompts, params)]
+    assert spec.decoder.drafter.module(spec.model) is spec.model.mtp[0] and spec.stats.drafted > 0
+
+
 @pytest.mark.parametrize("budget, message", [("lots", "give a size"), ("1KB", "give at least"),
                                              ("0", "give a size")])
 def test_bad_budgets_are_refused_before_loading(checkpoint, budget, message):
