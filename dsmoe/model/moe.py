@@ -274,7 +274,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
         T, on_cpu = x_TD.shape[0], x_TD.device.type == "cpu"
-        native = (on_cpu and fastpath.max_rows() < T <= NATIVE_EXPERTS_MAX_TOKENS
+        native = (on_cpu and not torch.compiler.is_compiling()  # traced: no guard on the row count
+                  and fastpath.max_rows() < T <= NATIVE_EXPERTS_MAX_TOKENS
                   and kernels.supports(x_TD, self.w1_EFD, self.w3_EFD, self.w2_EDF))
         impl = resolve_expert_impl(self.impl, T, torch.is_grad_enabled(), on_cpu, native)
         if impl == "views":
