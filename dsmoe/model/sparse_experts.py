@@ -6,13 +6,13 @@ hot ones (`dsmoe/infer/expert_store.py`). A subclass says how to get expert e's 
 weights (`expert(e)`); each is a tensor (used by `F.linear`) or any object with a
 `linear(x)` method (an int8 weight).
 
-Notable: up to `fastpath.max_rows()` tokens on a CPU go through the native experts kernel
+Notable: up to NATIVE_EXPERTS_MAX_TOKENS tokens on a CPU go through the native experts kernel
 (`kernels.experts_by_id`: the chosen experts' weights by pointer, the same C loop as the
 resident model's few-token path, so the same bits). More tokens take the ragged layout of
 `moe.ExpertSlots` (same dispatch, same combine), each expert's rows through the same
 matmuls as the ragged grouped matmul computes for that block, so with fp32 weights the
 output is bit-identical to the resident model's `ragged` path (what `auto` runs at
-inference up to RAGGED_MAX_TOKENS tokens per forward); tests/infer/test_expert_store.py
+inference from there up to RAGGED_MAX_TOKENS tokens per forward); tests/infer/test_expert_store.py
 pins both. Only the experts some token
 chose are asked for, one at a time, so the weights held at once are one expert's; each is
 asked for twice (w1 and w3, then w2 after the SiLU over all rows).
@@ -26,7 +26,7 @@ from torch import nn
 
 from dsmoe import kernels
 from dsmoe.model import fastpath
-from dsmoe.model.moe import ExpertSlots
+from dsmoe.model.moe import NATIVE_EXPERTS_MAX_TOKENS, ExpertSlots
 
 
 def apply_weight(w, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,9 @@ class SparseExperts(nn.Module):
         raise NotImplementedError
 
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        if self.impl == "auto" and fastpath.fast_rows(x_TD, x_TD.shape[0]) and kernels.supports(x_TD):
+        # As `RoutedExperts` under `auto`: the native kernel for up to NATIVE_EXPERTS_MAX_TOKENS.
+        if (self.impl == "auto" and fastpath.fast_rows(x_TD, 1) and kernels.supports(x_TD)
+                and x_TD.shape[0] <= max(fastpath.max_rows(), NATIVE_EXPERTS_MAX_TOKENS)):
             y = kernels.experts_by_id(x_TD, ids_TK, weights_TK, self.n_experts, self.expert)
             if y is not None:
                 return y

@@ -124,24 +124,31 @@ class Transformer(nn.Module):
             self._run_mtp(tokens, out, attn_impl)
         return out
 
-    def hidden(self, tokens_BT: torch.Tensor, cache=None, *,
-               attn_impl: str = "auto") -> tuple[torch.Tensor, list[RoutingInfo]]:
+    def hidden(self, tokens_BT: torch.Tensor, cache=None, *, attn_impl: str = "auto",
+               outputs_at_B: torch.Tensor | None = None) -> tuple[torch.Tensor, list[RoutingInfo]]:
         """The main stack over new tokens (written to `cache`, then advanced): the last block's
         output before the final norm (B, T, D), and the routing of every MoE layer.
         No input check and no output head: `run` adds both; the inference engine, which made
-        its tokens itself, applies `logits` only where it needs them."""
+        its tokens itself, applies `logits` only where it needs them.
+        `outputs_at_B` (one new position per row, long (B,)): only those positions' outputs
+        are wanted (a prefill's first token needs the last prompt position's alone), so the
+        last block attends and runs its feed-forward for them alone (as llama.cpp's last
+        layer does) and (B, 1, D) is returned; every position still goes into the cache, and
+        the last MoE layer's routing covers those positions only."""
         T = tokens_BT.shape[1]
         impl = resolve_attn_impl(attn_impl, T, cache is not None)
         cos, sin, mask = self.rope_and_mask(T, cache)
         h = self.embed(tokens_BT)
-        if impl == "absorb" and cache is not None and fast_rows(h, h.shape[0] * T):
+        if impl == "absorb" and cache is not None and fast_rows(h, h.shape[0] * T) and outputs_at_B is None:
             done = native_block.stack_forward(self.layers, h, cos, sin, cache, self._native_stack)
             if done is not None:  # the whole stack in one native call (dsmoe/model/native_block.py)
                 cache.advance(T)
                 return done
         routing = []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h, info = layer(h, cos, sin, cache.layer(i) if cache is not None else None, mask, impl)
+            h, info = layer(h, cos, sin, cache.layer(i) if cache is not None else None, mask, impl,
+                            outputs_at_B if i == last else None)
             if info is not None:
                 routing.append(info)
         if cache is not None:

@@ -78,6 +78,23 @@ def test_chunked_prefill_equals_one_pass(tiny_args, build):
     torch.testing.assert_close(outs[0][0][1], full, atol=2e-5, rtol=1e-4)
 
 
+def test_prefill_of_the_last_positions_alone_equals_every_position(tiny_args, build):
+    """Without `keep_hidden` the last block computes each prompt's last position alone (rows
+    ending in different chunks); the logits and the cache are those of the full prefill."""
+    model = build(tiny_args)
+    prompts = prompts_of([40, 23, 5], tiny_args.vocab_size, seed=3)
+    outs = []
+    for keep in (True, False):
+        cache = LatentCache(tiny_args, 0, 64, n_layers=tiny_args.n_layers)
+        rows = cache.acquire(3)
+        with torch.no_grad():
+            logits, _ = prefill(model, prompts, cache, rows, 16, keep_hidden=keep)
+        outs.append((logits, cache))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=2e-5, rtol=1e-4)
+    assert outs[0][1].lengths[:3].tolist() == outs[1][1].lengths[:3].tolist() == [40, 23, 5]
+    assert torch.equal(outs[0][1].latent, outs[1][1].latent) and torch.equal(outs[0][1].k_pe, outs[1][1].k_pe)
+
+
 def test_requests_joining_a_running_batch_decode_as_if_alone(tiny_args, build):
     model = build(tiny_args)
     prompts = prompts_of([6, 11, 4, 8, 14], tiny_args.vocab_size, seed=1)

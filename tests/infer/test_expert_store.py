@@ -38,9 +38,9 @@ def _logits(model, tokens):
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_offloaded_experts_give_the_resident_models_logits_bit_for_bit(checkpoint, quantize):
     args = _args()
-    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    # `auto` on both: 24 tokens take the ragged path (the store: its per-expert twin), 2 tokens
-    # the native few-token kernel (the store: the same kernel over its experts' pointers).
+    tokens = torch.randint(0, args.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    # `auto` on both: 192 tokens take the ragged path (the store: its per-expert twin), 24 and
+    # 2 tokens the native kernel (the store: the same kernel over its experts' pointers).
     resident = load_hf(checkpoint, dtype="fp32", quantize=quantize)
     itemsize = 1 if quantize else 4
     budget = 5 * _expert_bytes(args, itemsize)  # 5 of 16 experts x 3 MoE layers (MTP included)
@@ -50,7 +50,7 @@ def test_offloaded_experts_give_the_resident_models_logits_bit_for_bit(checkpoin
     assert not any(".experts." in k for k in offloaded.state_dict())  # never loaded
     if not kernels.available():  # torch's few-token twin of the store's loop is the ragged path
         resident.set_expert_impl("ragged")
-    for n in (12, 1):
+    for n in (96, 12, 1):
         assert torch.equal(_logits(offloaded, tokens[:, :n]), _logits(resident, tokens[:, :n]))
     assert store.stats.misses > 0 and store.stats.bytes_held <= budget
     assert store.stats.bytes_read > budget  # it evicted and read experts again

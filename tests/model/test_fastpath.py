@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dsmoe import kernels
 from dsmoe.infer.cache import LatentCache
 from dsmoe.model import fastpath
-from dsmoe.model.moe import resolve_expert_impl
+from dsmoe.model.moe import NATIVE_EXPERTS_MAX_TOKENS, resolve_expert_impl
 
 
 def decode_logits(model, prompt, steps):
@@ -49,6 +49,10 @@ def test_auto_picks_the_views_only_for_few_cpu_tokens_at_inference(native):
         assert most == (kernels.MAX_ROWS if native else fastpath.FAST_MAX_ROWS)
         assert resolve_expert_impl("auto", most, grad_enabled=False, on_cpu=True) == "views"
         assert resolve_expert_impl("auto", most + 1, grad_enabled=False, on_cpu=True) == "ragged"
+        # weights the native experts kernel takes: it runs short prompts too
+        longest = NATIVE_EXPERTS_MAX_TOKENS if native else most
+        assert resolve_expert_impl("auto", longest, False, on_cpu=True, native_weights=True) == "views"
+        assert resolve_expert_impl("auto", longest + 1, False, on_cpu=True, native_weights=True) == "ragged"
     assert resolve_expert_impl("auto", 1, grad_enabled=False, on_cpu=True) == "views"
     assert resolve_expert_impl("auto", 1, grad_enabled=False, on_cpu=False) == "ragged"  # CUDA: no host sync
     assert resolve_expert_impl("auto", 1, grad_enabled=True, on_cpu=True) == "grouped"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dsmoe.model.moe as moe_module
-from dsmoe import ModelArgs
+from dsmoe import ModelArgs, kernels
 from dsmoe.errors import DsmoeError
 from dsmoe.model import fastpath
 from dsmoe.model.moe import RAGGED_MAX_TOKENS, MoE, resolve_expert_impl
@@ -92,8 +92,8 @@ def test_auto_takes_the_few_token_path_only_at_inference():
 
 def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
     """A few-token call under no_grad goes through `few_token_experts` (and gives the loop's
-    output); up to `fastpath.max_rows()` tokens on a CPU take the chosen-expert views
-    instead (test_fastpath.py)."""
+    output); up to `fastpath.max_rows()` tokens on a CPU (NATIVE_EXPERTS_MAX_TOKENS with the
+    native kernels) take the chosen-expert views instead (test_fastpath.py)."""
     args = ModelArgs.from_preset("tiny")
     torch.manual_seed(0)
     moe = MoE(args)
@@ -102,10 +102,36 @@ def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
     calls = []
     real = moe_module._few_token_experts_eager
     monkeypatch.setattr(moe_module, "_few_token_experts_eager", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(fastpath.max_rows() + 1, args.dim)
+    x = torch.randn(max(fastpath.max_rows(), moe_module.NATIVE_EXPERTS_MAX_TOKENS) + 1, args.dim)
     with torch.no_grad():
         y_auto, _ = moe(x)
         moe.experts.impl = "loop"
         y_loop, _ = moe(x)
     assert calls == [1]
     torch.testing.assert_close(y_auto, y_loop, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no native kernels (no C compiler)")
+def test_auto_runs_the_native_experts_for_short_prompts(monkeypatch):
+    """Between `fastpath.max_rows()` and NATIVE_EXPERTS_MAX_TOKENS tokens on a CPU, `auto`
+    calls the native experts kernel once (not the ragged path) and gives the loop's output."""
+    args = ModelArgs.from_preset("tiny")
+    torch.manual_seed(0)
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    calls = []
+    real = kernels.experts
+    monkeypatch.setattr(kernels, "experts", lambda *a: calls.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(moe_module, "_few_token_experts_eager", lambda *a: pytest.fail("ragged path taken"))
+    outs = []
+    for n in (fastpath.max_rows() + 1, moe_module.NATIVE_EXPERTS_MAX_TOKENS):
+        x = torch.randn(n, args.dim)
+        with torch.no_grad():
+            moe.experts.impl = "auto"
+            y_auto, _ = moe(x)
+            moe.experts.impl = "loop"
+            outs.append((y_auto, moe(x)[0]))
+    assert calls == [fastpath.max_rows() + 1, moe_module.NATIVE_EXPERTS_MAX_TOKENS]
+    for y_auto, y_loop in outs:
+        torch.testing.assert_close(y_auto, y_loop, atol=1e-6, rtol=1e-5)

@@ -68,3 +68,29 @@ def test_backward_reaches_every_trained_parameter(tiny_args, build):
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
     assert all(b.grad is None for b in model.buffers())  # the balancing bias is not trained by gradients
+
+
+@pytest.mark.parametrize("cached", [0, 5])
+def test_outputs_at_one_position_per_row_equal_the_full_stack_there(tiny_args, build, cached):
+    """`hidden(..., outputs_at_B=...)` (a prefill's last block, computed for one query per
+    row, attending in latent space) gives the full stack's hidden states at those positions,
+    and fills the cache as the full stack does: causal rows, and rows of different lengths
+    (a mask) after a cached start."""
+    model = build(tiny_args)
+    tokens = torch.randint(0, tiny_args.vocab_size, (3, 9))
+    start = torch.randint(0, tiny_args.vocab_size, (3, cached))
+    at = torch.tensor([8, 3, 6])
+    caches = []
+    with torch.no_grad():
+        for outputs_at in (None, at):
+            cache = LatentCache(tiny_args, 3, 32)
+            if cached:  # rows of different lengths before the new tokens
+                model.hidden(start, cache, attn_impl="naive")
+                cache.rewind([0, 2, 4])
+            h, _ = model.hidden(tokens, cache, attn_impl="naive", outputs_at_B=outputs_at)
+            caches.append((h, cache))
+    (full, cache_full), (picked, cache_picked) = caches
+    assert picked.shape == (3, 1, tiny_args.dim)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at], atol=2e-5, rtol=1e-4)
+    assert torch.equal(cache_full.lengths, cache_picked.lengths)
+    torch.testing.assert_close(cache_full.latent, cache_picked.latent, atol=0, rtol=0)
