@@ -50,6 +50,7 @@ from dsmoe.model import Transformer
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig, load_run_config
+from dsmoe.train.curriculum import CurriculumStream
 from dsmoe.train.optim import (Diverged, TrainingDiverged, build_optimizer, check_finite, finish_step,
                                lr_at, set_lr)
 from dsmoe.train.run_dir import (CHECKPOINTS, HF_DIR, MetricsLog, Progress, check_fresh,
@@ -208,7 +209,9 @@ def _start(args: ModelArgs, cfg: TrainConfig, shards, latest: Path | None, devic
     optimizer = build_optimizer(model, cfg)
     balancer = Balancer(model.moe_layers(), cfg.balance, cfg.gamma, cfg.alpha, cfg.aux_alpha,
                         reduce=session.reduce_loads)
-    stream = BatchStream(shards, "train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains)
+    stream = (CurriculumStream(shards, cfg.curriculum, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains)
+              if cfg.curriculum else
+              BatchStream(shards, "train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains))
     start = 0
     if latest is not None:  # weights, optimizer, RNG states (session.load), data position
         state = session.load(latest, model, optimizer)
