@@ -4,7 +4,8 @@
     dsmoe train --config run.json --data out/data --out out/run --steps 2000
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` windows of `seq_len + 1`
-tokens from the prepared shards. The objective per micro-batch is
+tokens from the prepared shards (rows drawn by domain token share, or by the shares of a
+config's `curriculum`: curriculum.py). The objective per micro-batch is
     L = CE(main) + λ/D · Σ_k CE_k(MTP) + balance loss,
 where MTP depth k (1..D) predicts t_{i+k+1} at positions i < T-k: the window's last k
 positions have no depth-k target, as in DeepSeek-V3 (no extra tokens are fed, so the
