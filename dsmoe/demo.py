@@ -7,7 +7,8 @@ laptop CPU for a few minutes, and show that it learned.
 2. train the `demo` preset (MLA, 8 routed experts + 1 shared, aux-loss-free balancing,
    MTP) into ./out/demo for a fixed number of steps (the same run on every machine; two
    quiet cores take about five minutes for the whole demo, a busy machine longer; the start
-   says how long to expect);
+   says how long to expect), with a curriculum: all domains mixed first, then mostly math
+   through the final learning-rate decay;
 3. show what it learned: the validation loss of each domain beside the entropy of that
    domain's unigram token distribution (the best loss a model that ignores context can
    reach), a sampled continuation per domain, greedy exact-answer accuracy on held-out
@@ -15,7 +16,7 @@ laptop CPU for a few minutes, and show that it learned.
    module's drafts speculative decoding accepts, the expert load of every MoE layer, a
    PNG of loss and MaxVio over training, and the `dsmoe explore` command for the model.
 
-Why these sizes: two cores buy about a million training tokens in a few minutes, so the
+Why these sizes: two cores buy about two million training tokens in a few minutes, so the
 model is small (2.3M parameters) and fast per token, with a 2048-token vocabulary (the
 output head, used twice with MTP, is most of a small model's step). Why a fixed step count
 and not a time budget: the same command gives the same model and figures on a busy machine
@@ -27,6 +28,7 @@ Not here: anything tunable. For real runs use `dsmoe prepare` and `dsmoe train`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import time
@@ -41,21 +43,35 @@ from dsmoe.train.config import TrainConfig
 OUT = Path("out")
 CORPUS_NAME, DATA_NAME, RUN_NAME, PLOT_NAME = "demo-corpus", "demo-data", "demo", "training.png"
 PRESET = "demo"
-STEPS = 1200
+STEPS = 2000
 # gamma: the bias must move faster than DeepSeek's 0.001 to matter within a few hundred steps.
 # WSD: a short run learns more at the peak rate, then gains in the final decay.
 SETTINGS = dict(batch_size=8, seq_len=128, lr=5e-3, min_lr_ratio=0.05, warmup_steps=30,
                 schedule="wsd", decay_fraction=0.3, gamma=0.01, eval_batches=4, keep_last=1,
                 log_interval=50, seed=0)
+# The curriculum (dsmoe/train/curriculum.py), as fractions of the steps: the first 30% mix
+# all domains by their tokens (math is about a quarter), enough for prose and code to pass
+# their unigram entropy; then 85% of the rows are math, into the final learning-rate decay
+# (the model learns to read digits out of the question only from many math rows late in the
+# run: mixed all along, or math first and mixed during the decay, addition stayed at 0-4%);
+# the last 15% mix all domains again, so that prose and code samples are prose and code.
+MATH_FROM, MATH_SHARE, MIXED_AGAIN_FROM = 0.3, 0.85, 0.85
 # Low: a young model's probability mass beyond its top few tokens is mostly noise (at 0.7 its
 # samples were half made-up words, at 0.3 mostly real ones); 0 repeats the commonest phrase.
 SAMPLE_TEMPERATURE = 0.3
-PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code": "def ",
+# Each prompt ends where a token ends: "def " would end in a lone space token, which code
+# never has after `def` (the tokenizer makes " name" one token) and math has before every
+# number, so its samples were digits; "    def" (a method, as most stdlib defs are) is code.
+PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code": "    def",
            "math": "Question: What is 12 + 30?\nSolution:\n"}
 LANGUAGE_DOMAINS = ("en", "fr", "es", "code")
 MATH_CHARS = 3_000_000
 MATH_KINDS = ("addition", "subtraction", "multiplication", "division")  # simplest first
-MATH_PROBLEMS = 40  # held-out problems per kind, difficulty 1
+# The order the demo's math documents cycle through: the simplest kind gets twice the practice.
+MATH_CYCLE = ("addition", "subtraction", "addition", "multiplication", "division")
+# Held-out problems per kind, difficulty 1: more for the headline kind (each answer is right
+# or wrong, so n problems measure a rate p to about +-2*sqrt(p(1-p)/n)).
+MATH_PROBLEMS = {"addition": 100, "subtraction": 40, "multiplication": 40, "division": 40}
 MATH_MAX_TOKENS = 160  # the longest difficulty-1 worked solution is ~70 tokens; room to ramble
 
 
@@ -65,8 +81,9 @@ def write_corpus(folder: Path, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER
 
     The default corpus mixes difficulties 1 to 4 of eight problem kinds; a few minutes show
     a small model a few thousand problems, so the demo's math text is the level and the
-    kinds its accuracy is measured on: difficulty 1 of the four arithmetic kinds (mathgen's
-    train split, seed 0; the held-out problems come from its test split).
+    kinds its accuracy is measured on: difficulty 1 of the four arithmetic kinds, in the
+    proportions of MATH_CYCLE (mathgen's train split, seed 0, one stream per kind; the
+    held-out problems come from its test split).
     """
     from dsmoe.data import mathgen
     from dsmoe.data.corpus import iter_default_corpus
@@ -75,11 +92,14 @@ def write_corpus(folder: Path, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER
         with open(folder / f"{domain}.jsonl", "w", encoding="utf-8") as f:
             for doc in iter_default_corpus(max_chars_per_domain, (domain,)):
                 f.write(json.dumps({"text": doc.text, "domain": domain}) + "\n")
+    streams = {kind: mathgen.problems("train", seed=0, difficulty=1, kinds=(kind,))
+               for kind in MATH_KINDS}
     with open(folder / "math.jsonl", "w", encoding="utf-8") as f:
         written = 0
-        for problem in mathgen.problems("train", seed=0, difficulty=1, kinds=MATH_KINDS):
+        for kind in itertools.cycle(MATH_CYCLE):
             if written >= math_chars:
                 break
+            problem = next(streams[kind])
             text = mathgen.as_document(problem)
             written += len(text)
             f.write(json.dumps({"text": text, "domain": "math"}) + "\n")
@@ -87,8 +107,12 @@ def write_corpus(folder: Path, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER
 
 
 def demo_config(steps: int = STEPS, threads: int = 0, evals: int = 4) -> TrainConfig:
+    math_from, mixed_from = int(steps * MATH_FROM), int(steps * MIXED_AGAIN_FROM)
+    curriculum = [{"from": math_from, "shares": {"math": MATH_SHARE}}]
+    if mixed_from > math_from:  # a run of a step or two has room for one phase only
+        curriculum.append({"from": mixed_from, "shares": {}})
     return TrainConfig(steps=steps, eval_interval=max(1, steps // evals), ckpt_interval=steps,
-                       threads=threads, **SETTINGS)
+                       threads=threads, curriculum=curriculum, **SETTINGS)
 
 
 def pick_threads(args: ModelArgs, shards, probe_steps: int = 3) -> tuple[int, float]:
@@ -137,9 +161,9 @@ def loss_table(val: dict[str, float], shards) -> list[str]:
     return lines
 
 
-def arithmetic_accuracy(engine, tokenizer, n: int = MATH_PROBLEMS,
-                        kinds: tuple[str, ...] = MATH_KINDS) -> dict[str, float]:
-    """Greedy exact-answer accuracy per problem kind on `n` held-out difficulty-1 problems.
+def arithmetic_accuracy(engine, tokenizer, problems: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """(right, asked) per problem kind: greedy exact answers to held-out difficulty-1
+    problems, `problems[kind]` of each kind.
 
     The prompt is the pretraining format (`Question: ...\\nSolution:\\n`, a base model has no
     chat turns); the answer is read and checked as GRPO's verifier does (`math_reward`).
@@ -150,12 +174,12 @@ def arithmetic_accuracy(engine, tokenizer, n: int = MATH_PROBLEMS,
     from dsmoe.train.math_eval import held_out_problems
     from dsmoe.train.rewards import math_reward
     accuracy = {}
-    for kind in kinds:
-        problems = held_out_problems(n, difficulty=1, kinds=(kind,))
-        requests = engine.generate([tokenize_prompt(tokenizer, mathgen.as_prompt(p)) for p in problems],
+    for kind, n in problems.items():
+        asked = held_out_problems(n, difficulty=1, kinds=(kind,))
+        requests = engine.generate([tokenize_prompt(tokenizer, mathgen.as_prompt(p)) for p in asked],
                                    SamplingParams(max_tokens=MATH_MAX_TOKENS))
-        accuracy[kind] = sum(math_reward(r.text, p.answer) > 0
-                             for r, p in zip(requests, problems)) / len(problems)
+        accuracy[kind] = (sum(math_reward(r.text, p.answer) > 0 for r, p in zip(requests, asked)),
+                          len(asked))
     return accuracy
 
 
@@ -195,7 +219,8 @@ def explore_command(model_dir: Path, data_dir: Path, run_dir: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=STEPS,
-                        help=f"training steps (default {STEPS}: about four minutes on two quiet cores)")
+                        help=f"training steps (default {STEPS}: about four and a half minutes on "
+                             "two quiet cores)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,8 +229,9 @@ def run(args: argparse.Namespace) -> int:
 
 def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
          max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN, math_chars: int = MATH_CHARS,
-         math_problems: int = MATH_PROBLEMS) -> int:
-    """The whole demo; the keyword arguments exist so a test can run it small."""
+         math_problems: dict[str, int] | int = MATH_PROBLEMS) -> int:
+    """The whole demo; the keyword arguments exist so a test can run it small (an int
+    `math_problems` asks that many of every kind)."""
     from dsmoe.analysis.plots import plot_training
     from dsmoe.data.prepare import prepare
     from dsmoe.data.shards import TokenShards, unigram_entropy
@@ -215,6 +241,8 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     from dsmoe.train.run_dir import RUN_FILE, read_metrics
 
     began = time.perf_counter()
+    if isinstance(math_problems, int):
+        math_problems = dict.fromkeys(MATH_KINDS, math_problems)
     data_dir, run_dir = Path(out) / DATA_NAME, Path(out) / RUN_NAME
     model_args = ModelArgs.from_preset(preset)
     print(f"== 1. data: the embedded corpus (math at difficulty 1), tokenised into {data_dir}")
@@ -225,8 +253,11 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     print(f"\n== 2. pretraining the `{preset}` preset")
     threads, per_step = pick_threads(model_args, shards)
     cfg = demo_config(steps, threads)
-    print(f"{steps} steps of {cfg.tokens_per_step} tokens; {per_step:.2f} s per step here on "
-          f"{threads} thread(s), so about {steps * per_step * 1.05 / 60:.0f} min of training")
+    mix = "; ".join(f"from step {p['from']}: " + (", ".join(f"{v:.0%} {d}" for d, v in p["shares"].items())
+                                                   or "by tokens") for p in cfg.curriculum)
+    print(f"{steps} steps of {cfg.tokens_per_step} tokens (rows from every domain by its tokens; "
+          f"{mix}); {per_step:.2f} s per step here on {threads} thread(s), so about "
+          f"{steps * per_step * 1.05 / 60:.0f} min of training")
     if (run_dir / RUN_FILE).exists():  # the previous demo's run: the demo starts afresh
         shutil.rmtree(run_dir)
     trained = time.perf_counter()
@@ -240,7 +271,7 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
 
     model, tokenizer = load_model_dir(result.hf_dir)
     with torch.inference_mode():
-        plain = Engine(model, tokenizer, max_batch=math_problems)
+        plain = Engine(model, tokenizer, max_batch=max(math_problems.values()))
         texts = prompt_outputs(plain, tokenizer, 40, temperature=SAMPLE_TEMPERATURE, top_k=50, seed=0)
         print(f"\nSamples (temperature {SAMPLE_TEMPERATURE}, top-k 50, seeded):")
         for (domain, prompt), text in zip(PROMPTS.items(), texts):
@@ -248,13 +279,13 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
 
         # Greedy speculative decoding gives exactly plain greedy's text (tests/infer), so one
         # pass measures both the answers and how often the MTP module's drafts are accepted.
-        spec = Engine(model, tokenizer, max_batch=math_problems, speculative=True)
+        spec = Engine(model, tokenizer, max_batch=max(math_problems.values()), speculative=True)
         accuracy = arithmetic_accuracy(spec, tokenizer, math_problems)
         math_drafts = (spec.stats.accepted, spec.stats.drafted)
         prompt_outputs(spec, tokenizer, 48, ignore_eos=True)
-    print(f"\nHeld-out arithmetic, difficulty 1, {math_problems} problems per kind, greedy "
-          "exact answer:")
-    print("  " + ", ".join(f"{kind} {acc:.0%}" for kind, acc in accuracy.items()))
+    print("\nHeld-out arithmetic (mathgen's test split, difficulty 1), greedy exact answer:")
+    print("  " + ", ".join(f"{kind} {right / asked:.0%} ({right}/{asked})"
+                           for kind, (right, asked) in accuracy.items()))
     text_drafts = (spec.stats.accepted - math_drafts[0], spec.stats.drafted - math_drafts[1])
     print("\nSpeculative decoding with the MTP module (greedy): drafts accepted "
           f"{spec.stats.acceptance:.0%} ({spec.stats.accepted}/{spec.stats.drafted}); "

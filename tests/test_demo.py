@@ -17,6 +17,7 @@ def test_demo_settings_fit_the_preset_and_are_the_same_everywhere():
     cfg = demo.demo_config()
     cfg.check_model(args)
     assert cfg.steps == demo.STEPS and cfg.max_seconds == 0  # a fixed length, never a clock
+    assert 0 < cfg.curriculum[0]["from"] < cfg.steps * (1 - cfg.decay_fraction)  # math-heavy decay
     assert cfg == demo.demo_config()
     names = demo.moe_layer_names(args)
     assert len(names) == len(Transformer(args).moe_layers())
@@ -59,12 +60,13 @@ def math_tokenizer():
 def test_arithmetic_accuracy_reads_answers_like_the_verifier(math_tokenizer):
     from dsmoe.train.math_eval import held_out_problems
     engine = _AnsweringEngine(math_tokenizer)
-    accuracy = demo.arithmetic_accuracy(engine, math_tokenizer, n=12)
-    for kind in ("addition", "subtraction"):
-        problems = held_out_problems(12, difficulty=1, kinds=(kind,))
+    accuracy = demo.arithmetic_accuracy(engine, math_tokenizer, {"addition": 12, "subtraction": 9,
+                                                                 "multiplication": 5, "division": 5})
+    for kind, n in (("addition", 12), ("subtraction", 9)):
+        problems = held_out_problems(n, difficulty=1, kinds=(kind,))
         even = sum(int(re.search(r"\d+", p.question).group()) % 2 == 0 for p in problems)
-        assert accuracy[kind] == even / 12
-    assert accuracy["multiplication"] == accuracy["division"] == 0.0
+        assert accuracy[kind] == (even, n) and 0 < even < n
+    assert accuracy["multiplication"] == accuracy["division"] == (0, 5)
     # the prompts are the pretraining format of held-out (test-split) problems
     assert all(p.startswith("Question: What is ") and p.endswith("\nSolution:\n") for p in engine.prompts)
     first = held_out_problems(1, difficulty=1, kinds=("addition",))[0]
@@ -107,8 +109,22 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys, monkeypatch):
     assert printed.rstrip().endswith(demo.explore_command(run_dir / "hf", data_dir, run_dir))
     for domain in ("en", "fr", "es", "code", "math"):
         assert re.search(rf"^{domain}\s+\d+\.\d+\s+\d+\.\d+", printed, re.MULTILINE)
-    assert re.search(r"addition \d+%, subtraction \d+%, multiplication \d+%, division \d+%", printed)
+    assert re.search(r"addition \d+% \(\d+/2\), subtraction \d+% \(\d+/2\), "
+                     r"multiplication \d+% \(\d+/2\), division \d+% \(\d+/2\)", printed)
     accepted, drafted = map(int, re.search(r"drafts accepted \d+% \((\d+)/(\d+)\)", printed).groups())
     assert 0 <= accepted <= drafted and drafted > 0
     assert "4 steps, 4,096 training tokens" in printed
     assert list(itertools.islice((l for l in printed.splitlines() if l.startswith("  [")), 5))
+
+
+def test_demo_math_documents_cycle_through_the_kinds_from_the_train_split(tmp_path):
+    import json
+    folder = demo.write_corpus(tmp_path, max_chars_per_domain=2_000, math_chars=4_000)
+    texts = [json.loads(line)["text"] for line in (folder / "math.jsonl").read_text().splitlines()]
+    ops = {"+": "addition", "-": "subtraction", "×": "multiplication", "÷": "division"}
+    kinds = [ops[re.search(r"What is \d+ (\S) \d+", t).group(1)] for t in texts]
+    assert len(kinds) > len(demo.MATH_CYCLE)
+    assert kinds == [demo.MATH_CYCLE[i % len(demo.MATH_CYCLE)] for i in range(len(kinds))]
+    for text in texts:
+        question = re.search(r"Question: (.*)\n", text).group(1)
+        assert mathgen.split_of(mathgen.MathProblem(question, "", "", "", 1)) == "train"

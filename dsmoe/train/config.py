@@ -23,6 +23,7 @@ from typing import Any
 
 from dsmoe.config import ModelArgs, from_fields, load_args, read_json_object
 from dsmoe.errors import ConfigError
+from dsmoe.train.curriculum import check_curriculum
 
 BALANCE_MODES = ("bias", "aux", "none")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -54,6 +55,9 @@ class TrainConfig:
     aux_alpha: float = 0.01  # classic auxiliary loss weight (balance=aux)
     # data
     domains: list[str] | None = None  # training domains; None: all, by token share
+    # [{"until": step, "domains": [...]}, ...]: earlier steps draw only from those domains
+    # (curriculum.py); None: every step draws from `domains`
+    curriculum: list[dict] | None = None
     seed: int = 0
     # evaluation, logging, checkpoints (intervals in optimizer steps; 0 disables)
     eval_interval: int = 100
@@ -109,6 +113,7 @@ class TrainConfig:
         if self.domains is not None and (not isinstance(self.domains, list) or not self.domains
                                          or not all(isinstance(d, str) for d in self.domains)):
             fail("domains", "must be null (all domains) or a non-empty list of domain names")
+        check_curriculum(self.curriculum, self.steps)
 
     def check_model(self, args: ModelArgs) -> None:
         if self.seq_len > args.max_seq_len:

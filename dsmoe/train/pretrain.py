@@ -4,7 +4,8 @@
     dsmoe train --config run.json --data out/data --out out/run --steps 2000
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` windows of `seq_len + 1`
-tokens from the prepared shards. The objective per micro-batch is
+tokens from the prepared shards (rows drawn by domain token share, or by the shares of a
+config's `curriculum`: curriculum.py). The objective per micro-batch is
     L = CE(main) + λ/D · Σ_k CE_k(MTP) + balance loss,
 where MTP depth k (1..D) predicts t_{i+k+1} at positions i < T-k: the window's last k
 positions have no depth-k target, as in DeepSeek-V3 (no extra tokens are fed, so the
@@ -50,6 +51,7 @@ from dsmoe.model import Transformer
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig, load_run_config
+from dsmoe.train.curriculum import CurriculumStream
 from dsmoe.train.optim import (Diverged, TrainingDiverged, build_optimizer, check_finite, finish_step,
                                lr_at, set_lr)
 from dsmoe.train.run_dir import (CHECKPOINTS, HF_DIR, MetricsLog, Progress, check_fresh,
@@ -208,7 +210,9 @@ def _start(args: ModelArgs, cfg: TrainConfig, shards, latest: Path | None, devic
     optimizer = build_optimizer(model, cfg)
     balancer = Balancer(model.moe_layers(), cfg.balance, cfg.gamma, cfg.alpha, cfg.aux_alpha,
                         reduce=session.reduce_loads)
-    stream = BatchStream(shards, "train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains)
+    stream = (CurriculumStream(shards, cfg.curriculum, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains)
+              if cfg.curriculum else
+              BatchStream(shards, "train", cfg.batch_size, cfg.seq_len, cfg.seed, cfg.domains))
     start = 0
     if latest is not None:  # weights, optimizer, RNG states (session.load), data position
         state = session.load(latest, model, optimizer)
