@@ -24,6 +24,15 @@ def run(moe: MoE, x: torch.Tensor, impl: str, bias=None):
     return y.detach(), xi.grad, grads, routing
 
 
+def random_moe(args: ModelArgs) -> MoE:
+    """A MoE layer with every parameter drawn from N(0, 0.1) (seed 0): the gate's bias too."""
+    torch.manual_seed(0)
+    moe = MoE(args)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    return moe
+
+
 @pytest.mark.parametrize("layout", ["padded", "ragged", "few_tokens"])
 @pytest.mark.parametrize("case", ["balanced", "idle_experts", "top1"])
 def test_layout_equals_loop(monkeypatch, layout, case):
@@ -31,10 +40,7 @@ def test_layout_equals_loop(monkeypatch, layout, case):
     impl = "ragged" if layout == "few_tokens" else "grouped"
     changes = {"n_activated_experts": 1, "n_limited_groups": 1} if case == "top1" else {}
     args = ModelArgs.from_preset("tiny").replace(**changes)
-    torch.manual_seed(0)
-    moe = MoE(args)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, 0, 0.1)
+    moe = random_moe(args)
     # idle_experts: experts 3..7 get no token, 0..2 get all (uneven padding, empty blocks)
     bias = torch.tensor([5.0, 5.0, 5.0] + [0.0] * 5) if case == "idle_experts" else None
     x = torch.randn(45, args.dim)
@@ -95,10 +101,7 @@ def test_auto_at_inference_runs_the_few_token_path(monkeypatch):
     output); up to `fastpath.max_rows()` tokens on a CPU (NATIVE_EXPERTS_MAX_TOKENS with the
     native kernels) take the chosen-expert views instead (test_fastpath.py)."""
     args = ModelArgs.from_preset("tiny")
-    torch.manual_seed(0)
-    moe = MoE(args)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, 0, 0.1)
+    moe = random_moe(args)
     calls = []
     real = moe_module._few_token_experts_eager
     monkeypatch.setattr(moe_module, "_few_token_experts_eager", lambda *a: calls.append(1) or real(*a))
@@ -116,10 +119,7 @@ def test_auto_runs_the_native_experts_for_short_prompts(monkeypatch):
     """Between `fastpath.max_rows()` and NATIVE_EXPERTS_MAX_TOKENS tokens on a CPU, `auto`
     calls the native experts kernel once (not the ragged path) and gives the loop's output."""
     args = ModelArgs.from_preset("tiny")
-    torch.manual_seed(0)
-    moe = MoE(args)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, 0, 0.1)
+    moe = random_moe(args)
     calls = []
     real = kernels.experts
     monkeypatch.setattr(kernels, "experts", lambda *a: calls.append(len(a[0])) or real(*a))

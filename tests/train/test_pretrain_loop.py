@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe import ModelArgs, Transformer
-from dsmoe.data import mathgen
-from dsmoe.data.prepare import prepare
 from dsmoe.errors import CheckpointError, ConfigError, DataError
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train import pretrain
@@ -33,17 +31,8 @@ SETTINGS = dict(batch_size=4, seq_len=64, lr=3e-3, warmup_steps=5, eval_interval
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Two domains (worked arithmetic, word salad) tokenised with a 512-token BPE."""
-    src = tmp_path_factory.mktemp("text")
-    problems = [mathgen.as_document(p) for p, _ in zip(mathgen.problems("train", seed=0), range(200))]
-    (src / "math.txt").write_text("\n\n".join(problems))
-    words = "the a cat dog sat on mat ran red blue house tree river under over and then".split()
-    prose = [" ".join(words[(i * 7 + j * j) % len(words)] for j in range(30)) + "." for i in range(200)]
-    (src / "prose.txt").write_text("\n\n".join(prose))
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare(out, [src], vocab_size=512, show_progress=False)
-    return out
+def data(two_domains):
+    return two_domains
 
 
 def cfg(**changes) -> TrainConfig:
