@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	-@$(MAKE) --no-print-directory compiler
-	$(PY) -m dsmoe demo
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-ACTIVE} $(PY) -m dsmoe demo
 
 # A C compiler for the native CPU kernels (dsmoe/kernels/, built on first use; without one
 # decoding runs PyTorch's kernels, slower, and tests/model/test_kernels.py fails saying so).

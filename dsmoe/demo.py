@@ -6,8 +6,9 @@ laptop CPU for a few minutes, and show that it learned.
    preset's vocabulary into ./out/demo-data (reused when unchanged);
 2. train the `demo` preset (MLA, 8 routed experts + 1 shared, aux-loss-free balancing,
    MTP) into ./out/demo for a fixed number of steps (the same run on every machine; two
-   quiet cores take about five minutes for the whole demo, a busy machine longer; the start
-   says how long to expect), with a curriculum: all domains mixed first, then mostly math
+   quiet cores take about six minutes for the whole demo with spinning OpenMP waits, as
+   `make demo` runs it, a busy machine longer; the start says how long to expect), with a
+   curriculum: all domains mixed first, then mostly math
    through the final learning-rate decay;
 3. show what it learned: the validation loss of each domain beside the entropy of that
    domain's unigram token distribution (the best loss a model that ignores context can
@@ -219,8 +220,8 @@ def explore_command(model_dir: Path, data_dir: Path, run_dir: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=STEPS,
-                        help=f"training steps (default {STEPS}: about four and a half minutes on "
-                             "two quiet cores)")
+                        help=f"training steps (default {STEPS}: about five minutes of training on "
+                             "two quiet cores with OMP_WAIT_POLICY=ACTIVE, as `make demo` runs it)")
 
 
 def run(args: argparse.Namespace) -> int:
