@@ -72,6 +72,10 @@ class ExpertStore:
             return 3 * F_ * D + 2 * (2 * F_ + D)  # int8 values, bf16 row scales
         return 3 * F_ * D * torch.empty((), dtype=self.dtype).element_size()
 
+    def experts_in_budget(self) -> int:
+        """How many experts the budget holds."""
+        return self.budget // self.expert_bytes(self.ckpt.args.moe_inter_dim, self.ckpt.args.dim)
+
     def get(self, layer: str, e: int) -> tuple:
         found = self._lru.get((layer, e))
         if found is not None:
@@ -120,6 +124,9 @@ class OffloadedExperts(SparseExperts):
 
     def expert(self, e: int) -> tuple:
         return self.store.get(self.name, e)
+
+    def held_at_once(self) -> int:
+        return self.store.experts_in_budget()
 
 
 def offload_experts(budget: int | str, device, quantize: str | None = None):

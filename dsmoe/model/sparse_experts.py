@@ -8,7 +8,9 @@ weights (`expert(e)`); each is a tensor (used by `F.linear`) or any object with 
 
 Notable: up to NATIVE_EXPERTS_MAX_TOKENS tokens on a CPU go through the native experts kernel
 (`kernels.experts_by_id`: the chosen experts' weights by pointer, the same C loop as the
-resident model's few-token path, so the same bits). More tokens take the ragged layout of
+resident model's few-token path, so the same bits), when the call's chosen experts may be
+held at once (`held_at_once`: a store's budget; beyond it the path below keeps one expert
+at a time, and agrees with the kernel to float rounding, not bit for bit). More tokens take the ragged layout of
 `moe.ExpertSlots` (same dispatch, same combine), each expert's rows through the same
 matmuls as the ragged grouped matmul computes for that block, so with fp32 weights the
 output is bit-identical to the resident model's `ragged` path (what `auto` runs at
@@ -46,10 +48,17 @@ class SparseExperts(nn.Module):
         """(w1 (F, D), w3 (F, D), w2 (D, F)) of expert e."""
         raise NotImplementedError
 
+    def held_at_once(self) -> int:
+        """How many experts one call may hold at once (the native kernel holds every expert
+        the call chose until it returns): all of them here; a store, those its budget holds."""
+        return self.n_experts
+
     def forward(self, x_TD, ids_TK, weights_TK, load_E) -> torch.Tensor:
-        # As `RoutedExperts` under `auto`: the native kernel for up to NATIVE_EXPERTS_MAX_TOKENS.
+        # As `RoutedExperts` under `auto`: the native kernel for up to NATIVE_EXPERTS_MAX_TOKENS,
+        # when the experts this call chose may be held at once (else one at a time, below).
         if (self.impl == "auto" and fastpath.fast_rows(x_TD, 1) and kernels.supports(x_TD)
-                and x_TD.shape[0] <= max(fastpath.max_rows(), NATIVE_EXPERTS_MAX_TOKENS)):
+                and x_TD.shape[0] <= max(fastpath.max_rows(), NATIVE_EXPERTS_MAX_TOKENS)
+                and int((load_E > 0).sum()) <= self.held_at_once()):
             y = kernels.experts_by_id(x_TD, ids_TK, weights_TK, self.n_experts, self.expert)
             if y is not None:
                 return y
