@@ -87,11 +87,13 @@ def accept(p_BMV: torch.Tensor, q_BNV: torch.Tensor, drafts_BN: torch.Tensor,
     return n_accepted, next_B
 
 
-def make_drafts(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft tokens (B,) and the distributions they were drawn from (B, V)."""
+def draft(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft tokens (B,) and the distributions they were drawn from (B, V); None for the
+    distributions when every row is greedy (one-hot at the argmax: `accept` needs none)."""
+    if s.all_greedy:
+        return logits_BV.argmax(-1), None
     q_BV = probs(logits_BV, s)
-    d_B = q_BV.argmax(-1) if s.all_greedy else draw(q_BV, s.generators)
-    return d_B, q_BV
+    return draw(q_BV, s.generators), q_BV
 
 
 class Drafter:
@@ -140,13 +142,7 @@ class Drafter:
 
     def logits(self, model, h_BD: torch.Tensor, module=None) -> torch.Tensor:
         """Draft logits from the MTP module's hidden states (B, D): its norm, then the head."""
-        head, module = self.head(model), module if module is not None else self.module(model)
-        return kernels.linear(module.norm(h_BD), *head) if head is not None else model._head(module.norm(h_BD))
-
-
-def draft(logits_BV: torch.Tensor, s: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`make_drafts`, without the one-hot distributions when every row is greedy (None)."""
-    return (logits_BV.argmax(-1), None) if s.all_greedy else make_drafts(logits_BV, s)
+        return model.mtp_head(1, h_BD, self.head(model), module if module is not None else self.module(model))
 
 
 def chain_drafts(model, first_B: torch.Tensor, q_BV: torch.Tensor | None, g_BD: torch.Tensor, k: int,

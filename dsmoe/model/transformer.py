@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsmoe import kernels
 from dsmoe.config import ModelArgs
 from dsmoe.errors import DsmoeError
-from dsmoe import kernels
 from dsmoe.model import native_block, native_mtp, native_step
 from dsmoe.model.block import Block
 from dsmoe.model.fastpath import Derived, fast_rows, linear_few_rows, plain_linears
@@ -205,12 +205,18 @@ class Transformer(nn.Module):
                 return done
         h_BTD, _ = self.mtp_hidden(depth, h_prev_BTD, next_tokens_BT, cache, attn_impl="absorb", module=module)
         h_MD = h_BTD.reshape(-1, h_BTD.shape[-1])
-        x = module.norm(h_MD if head_rows is None else h_MD[head_rows])
-        return h_BTD, (int8_linear(x, *head) if head is not None else self._head(x))
+        return h_BTD, self.mtp_head(depth, h_MD if head_rows is None else h_MD[head_rows], head, module)
+
+    def mtp_head(self, depth: int, h: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 module: MTPModule | None = None) -> torch.Tensor:
+        """MTP module `depth`'s norm (or `module`'s), then the shared output head, or `head`
+        (an int8 copy of it: (weight, row scales))."""
+        x = (module if module is not None else self.mtp[depth - 1]).norm(h)
+        return int8_linear(x, *head) if head is not None else self._head(x)
 
     def mtp_logits(self, depth: int, h_BTD: torch.Tensor) -> torch.Tensor:
         """MTP module `depth`'s norm, then the shared output head."""
-        return self._head(self.mtp[depth - 1].norm(h_BTD))
+        return self.mtp_head(depth, h_BTD)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """The output head; for one or two rows on a CPU through its transposed copy
