@@ -36,6 +36,7 @@ llama.cpp; speculative >= 1.5x plain decoding with >= 75% acceptance, and >= 1.2
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -247,7 +248,9 @@ def _llamacpp_model(hf_dir: Path) -> tuple[Path | None, str]:
     from bench import llamacpp
     if not llamacpp.available():
         return None, f"llama.cpp not built in {llamacpp.home()}: {llamacpp.HOW_TO_BUILD}"
-    gguf = Path(tempfile.gettempdir()) / f"dsmoe-bench-{abs(hash(str(hf_dir.resolve())))}.gguf"
+    # named by the folder (a stable digest: Python's hash() differs per process), so later runs reuse it
+    key = hashlib.sha256(str(hf_dir.resolve()).encode()).hexdigest()[:16]
+    gguf = Path(tempfile.gettempdir()) / f"dsmoe-bench-{key}.gguf"
     weights = hf_dir / "model.safetensors"
     if not gguf.is_file() or (weights.is_file() and weights.stat().st_mtime > gguf.stat().st_mtime):
         try:
