@@ -16,3 +16,16 @@ def build():
         torch.manual_seed(seed)
         return Transformer(args).eval()
     return make
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """`kernel_calls("step_decode")`: a list that grows by one at each call of that native
+    kernel (`dsmoe.kernels`), which still runs."""
+    from dsmoe import kernels
+
+    def count(name: str) -> list:
+        calls, real = [], getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or real(*a))
+        return calls
+    return count

@@ -13,11 +13,8 @@ pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    taken = []
-    real = kernels.mtp_decode
-    monkeypatch.setattr(kernels, "mtp_decode", lambda *a: taken.append(1) or real(*a))
-    return taken
+def calls(kernel_calls):
+    return kernel_calls("mtp_decode")
 
 
 def run(model, steps, native: bool, head=None):

@@ -4,7 +4,6 @@ fp32 and int8, batches and verify widths; the cases it leaves to the seams."""
 import pytest
 import torch
 
-from dsmoe import kernels
 from dsmoe.infer.cache import LatentCache
 from dsmoe.model import fastpath
 from dsmoe.model.quant import quantize_modules
@@ -14,11 +13,8 @@ pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 @pytest.fixture
-def steps_taken(monkeypatch):
-    calls = []
-    real = kernels.step_decode
-    monkeypatch.setattr(kernels, "step_decode", lambda *a: calls.append(1) or real(*a))
-    return calls
+def steps_taken(kernel_calls):
+    return kernel_calls("step_decode")
 
 
 def run(model, prompt, blocks, native: bool):
