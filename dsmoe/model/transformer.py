@@ -115,13 +115,14 @@ class Transformer(nn.Module):
         return self.run(tokens, cache, attn_impl=attn_impl).logits
 
     def run(self, tokens: torch.Tensor, cache=None, *, attn_impl: str = "auto",
-            mtp: bool = False) -> ModelOutput:
-        """tokens (B, T) int. With `mtp`, depth k predicts t_{i+k+1} at positions i < T-k."""
+            mtp: bool = False, mtp_rows: int | None = None) -> ModelOutput:
+        """tokens (B, T) int. With `mtp`, depth k predicts t_{i+k+1} at positions i < T-k,
+        on the first `mtp_rows` rows (None: all of them)."""
         self.check_input(tokens, cache)
         h, routing = self.hidden(tokens, cache, attn_impl=attn_impl)
         out = ModelOutput(logits=self.logits(h), hidden=h, routing=routing)
         if mtp:
-            self._run_mtp(tokens, out, attn_impl)
+            self._run_mtp(tokens[:mtp_rows], out, attn_impl)
         return out
 
     def hidden(self, tokens_BT: torch.Tensor, cache=None, *, attn_impl: str = "auto",
@@ -226,8 +227,9 @@ class Transformer(nn.Module):
         return self.head(x)
 
     def _run_mtp(self, tokens, out: ModelOutput, attn_impl: str) -> None:
-        """Training-time MTP over a full sequence (no cache): depth k sees positions < T-k."""
-        h_prev = out.hidden
+        """Training-time MTP over full sequences (no cache), the rows of `tokens` (the first
+        rows of the batch): depth k sees positions < T-k."""
+        h_prev = out.hidden[:tokens.shape[0]]
         T = tokens.shape[1]
         for k in range(1, len(self.mtp) + 1):
             n = T - k

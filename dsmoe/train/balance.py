@@ -78,20 +78,22 @@ class Balancer:
         self.gamma, self.alpha, self.aux_alpha = gamma, alpha, aux_alpha
         self.loads_LE: torch.Tensor | None = None
 
-    def loss(self, routing: list[RoutingInfo], batch_size: int) -> torch.Tensor | None:
+    def loss(self, routing: list[RoutingInfo], rows: int | list[int]) -> torch.Tensor | None:
         """The balance loss of one micro-batch (None when the mode has none), and records its
-        loads for the step. `routing` is main stack then MTP modules, as `moe_layers()`."""
+        loads for the step. `routing` is main stack then MTP modules, as `moe_layers()`;
+        `rows`: the sequences each layer saw (one number: the same for all)."""
         if not routing:  # a dense model: nothing to balance
             return None
         loads = torch.stack([info.load_E for info in routing])
         self.loads_LE = loads if self.loads_LE is None else self.loads_LE + loads
-        if self.mode == "bias" and self.alpha > 0:
-            weight, spans = self.alpha, batch_size
+        rows = rows if isinstance(rows, list) else [rows] * len(routing)
+        if self.mode == "bias" and self.alpha > 0:  # sequence-wise: one span per row
+            weight, spans = self.alpha, rows
         elif self.mode == "aux" and self.aux_alpha > 0:
-            weight, spans = self.aux_alpha, 1
+            weight, spans = self.aux_alpha, [1] * len(routing)
         else:
             return None
-        return weight * sum(balance_loss(info, spans) for info in routing)
+        return weight * sum(balance_loss(info, n) for info, n in zip(routing, spans))
 
     def step(self) -> list[float]:
         """After the optimizer step: apply the bias rule (mode `bias`) to this step's loads,

@@ -49,6 +49,11 @@ class TrainConfig:
     clip: float = 1.0  # max global grad norm; 0 disables clipping
     # objectives
     mtp_lambda: float = 0.3  # weight of the multi-token-prediction loss
+    # The share of each micro-batch's rows (its first ones, at least one) the MTP modules
+    # train on. 1 (DeepSeek-V3): every row. Less buys a cheaper step where the MTP module and
+    # its pass through the output head cost a large part of it (a small model, a large
+    # vocabulary); the main model still trains on every row.
+    mtp_fraction: float = 1.0
     balance: str = "bias"  # bias (aux-loss-free) | aux (classic auxiliary loss) | none
     gamma: float = 0.001  # bias update speed (balance=bias)
     alpha: float = 0.0001  # sequence-wise balance loss weight (balance=bias; 0 disables)
@@ -103,6 +108,8 @@ class TrainConfig:
         for name in ("min_lr_ratio", "decay_fraction"):
             if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 fail(name, "must be between 0 and 1")
+        if not is_num(self.mtp_fraction) or not 0 < self.mtp_fraction <= 1:
+            fail("mtp_fraction", "must be in (0, 1] (the share of rows the MTP modules train on)")
         for name in ("beta1", "beta2"):
             if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, "must be in [0, 1)")

@@ -79,7 +79,8 @@ def lm_losses(out, tokens_BW: torch.Tensor, T: int) -> tuple[torch.Tensor, torch
     main = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens_BW[:, 1:T + 1].flatten())
     if not out.mtp_logits:
         return main, None
-    mtp = [F.cross_entropy(logits.flatten(0, 1).float(), tokens_BW[:, k + 1:T + 1].flatten())
+    mtp = [F.cross_entropy(logits.flatten(0, 1).float(),
+                           tokens_BW[:logits.shape[0], k + 1:T + 1].flatten())
            for k, logits in enumerate(out.mtp_logits, start=1)]
     return main, torch.stack(mtp).mean()
 
@@ -123,9 +124,12 @@ def train_step(model: Transformer, optimizer, balancer: Balancer, stream, cfg: T
     for _ in range(n):
         batch = session.local(next(stream).to(device))
         with autocast(device):
-            output = model.run(batch[:, :T], mtp=use_mtp)
+            B = batch.shape[0]
+            mtp_rows = max(1, round(cfg.mtp_fraction * B))
+            output = model.run(batch[:, :T], mtp=use_mtp, mtp_rows=mtp_rows)
             main, mtp = lm_losses(output, batch, T)
-            bal = balancer.loss(output.routing + output.mtp_routing, batch.shape[0])
+            bal = balancer.loss(output.routing + output.mtp_routing,
+                                [B] * len(output.routing) + [mtp_rows] * len(output.mtp_routing))
             total = main
             if mtp is not None:
                 total = total + cfg.mtp_lambda * mtp

@@ -65,7 +65,7 @@ def test_loads_are_summed_over_micro_batches_and_applied_once():
     micro = [[_routing(8, args.n_routed_experts, args.n_activated_experts, seed=10 * m + i)
               for i in range(len(layers))] for m in range(3)]
     for routing in micro:
-        assert balancer.loss(routing, batch_size=2) is None  # alpha 0: no loss, loads recorded
+        assert balancer.loss(routing, rows=2) is None  # alpha 0: no loss, loads recorded
         for layer in layers:  # nothing moves before the optimizer step
             assert not layer.gate.bias.any()
     maxvio = balancer.step()
@@ -103,3 +103,14 @@ def test_loss_reaches_the_gate_weight_and_not_the_bias(mode, expected_spans):
     for layer in model.moe_layers():
         assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
         assert not layer.gate.bias.requires_grad
+
+
+def test_sequence_wise_loss_splits_each_layer_by_its_own_rows():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_preset("tiny"))
+    out = model.run(torch.randint(0, 512, (4, 16)), mtp=True, mtp_rows=2)
+    balancer = Balancer(model.moe_layers(), "bias", alpha=0.1)
+    rows = [4] * len(out.routing) + [2] * len(out.mtp_routing)
+    loss = balancer.loss(out.routing + out.mtp_routing, rows)
+    expected = sum(balance_loss(r, 4) for r in out.routing) + sum(balance_loss(r, 2) for r in out.mtp_routing)
+    torch.testing.assert_close(loss, 0.1 * expected)

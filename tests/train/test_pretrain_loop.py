@@ -132,6 +132,24 @@ def test_mtp_depth_k_predicts_k_plus_one_ahead():
     torch.testing.assert_close(mtp, (by_hand[0] + by_hand[1]) / 2)
 
 
+
+def test_mtp_on_the_first_rows_is_the_full_mtp_of_those_rows():
+    torch.manual_seed(0)
+    model = Transformer(TINY.replace(n_mtp_layers=2))
+    tokens = torch.randint(0, TINY.vocab_size, (4, 17))
+    T = 16
+    full, part = model.run(tokens[:, :T], mtp=True), model.run(tokens[:, :T], mtp=True, mtp_rows=1)
+    torch.testing.assert_close(part.logits, full.logits)
+    for k, (logits, whole) in enumerate(zip(part.mtp_logits, full.mtp_logits), start=1):
+        assert logits.shape == (1, T - k, TINY.vocab_size)
+        torch.testing.assert_close(logits, whole[:1])
+    assert part.mtp_routing[0].ids_TK.shape[0] == T - 1  # one row's tokens were routed
+    main, mtp = lm_losses(part, tokens, T)
+    by_hand = [F.cross_entropy(part.mtp_logits[k - 1][0], tokens[0, k + 1:]) for k in (1, 2)]
+    torch.testing.assert_close(mtp, (by_hand[0] + by_hand[1]) / 2)
+    with pytest.raises(ConfigError, match="mtp_fraction"):
+        TrainConfig(mtp_fraction=0)
+
 class _GradientRecorder:
     """Stands in for the optimizer: keeps the gradients the step would apply."""
 
