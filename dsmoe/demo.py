@@ -60,12 +60,17 @@ MATH_FROM, MATH_SHARE, MIXED_AGAIN_FROM = 0.3, 0.85, 0.85
 # Low: a young model's probability mass beyond its top few tokens is mostly noise (at 0.7 its
 # samples were half made-up words, at 0.3 mostly real ones); 0 repeats the commonest phrase.
 SAMPLE_TEMPERATURE = 0.3
+SAMPLING = dict(max_tokens=40, temperature=SAMPLE_TEMPERATURE, top_k=50)
+# Samples per language whose words are checked against that language's corpus (seed 0 is
+# the one shown): about 25 words each, so 16 measure a share near 95% to about +-2 points.
+SAMPLE_SEEDS = 16
 # Each prompt ends where a token ends: "def " would end in a lone space token, which code
 # never has after `def` (the tokenizer makes " name" one token) and math has before every
 # number, so its samples were digits; "    def" (a method, as most stdlib defs are) is code.
 PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code": "    def",
            "math": "Question: What is 12 + 30?\nSolution:\n"}
 LANGUAGE_DOMAINS = ("en", "fr", "es", "code")
+PROSE_DOMAINS = ("en", "fr", "es")
 MATH_CHARS = 3_000_000
 MATH_KINDS = ("addition", "subtraction", "multiplication", "division")  # simplest first
 # The order the demo's math documents cycle through: the simplest kind gets twice the practice.
@@ -184,13 +189,31 @@ def arithmetic_accuracy(engine, tokenizer, problems: dict[str, int]) -> dict[str
     return accuracy
 
 
-def prompt_outputs(engine, tokenizer, max_tokens: int, **sampling) -> list[str]:
+def prompt_outputs(engine, tokenizer, **sampling) -> list[str]:
     """One continuation per domain prompt, in PROMPTS order."""
     from dsmoe.infer.requests import tokenize_prompt
     from dsmoe.infer.sampling import SamplingParams
     requests = engine.generate([tokenize_prompt(tokenizer, p) for p in PROMPTS.values()],
-                               SamplingParams(max_tokens=max_tokens, **sampling))
+                               SamplingParams(**sampling))
     return [r.text for r in requests]
+
+
+def known_word_shares(engine, tokenizer, corpus: Path, seeds: int = SAMPLE_SEEDS
+                      ) -> dict[str, tuple[int, int]]:
+    """(known, total) words per language: `seeds` samples of each language's prompt (the
+    demo's sampling, seeds 0..seeds-1), against the words of that language's corpus file."""
+    from dsmoe.analysis.known_words import known_share, known_words
+    from dsmoe.infer.requests import tokenize_prompt
+    from dsmoe.infer.sampling import SamplingParams
+    shares = {}
+    for domain in PROSE_DOMAINS:
+        prompt = tokenize_prompt(tokenizer, PROMPTS[domain])
+        requests = engine.generate([prompt] * seeds, [SamplingParams(seed=seed, **SAMPLING)
+                                                      for seed in range(seeds)])
+        with open(corpus / f"{domain}.jsonl", encoding="utf-8") as f:
+            known = known_words(json.loads(line)["text"] for line in f)
+        shares[domain] = known_share((r.text for r in requests), known)
+    return shares
 
 
 def expert_load_table(model, shards, seq_len: int, n_tokens: int = 4096) -> list[str]:
@@ -273,17 +296,21 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     model, tokenizer = load_model_dir(result.hf_dir)
     with torch.inference_mode():
         plain = Engine(model, tokenizer, max_batch=max(math_problems.values()))
-        texts = prompt_outputs(plain, tokenizer, 40, temperature=SAMPLE_TEMPERATURE, top_k=50, seed=0)
-        print(f"\nSamples (temperature {SAMPLE_TEMPERATURE}, top-k 50, seeded):")
+        texts = prompt_outputs(plain, tokenizer, seed=0, **SAMPLING)
+        print(f"\nSamples (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLING['top_k']}, seeded):")
         for (domain, prompt), text in zip(PROMPTS.items(), texts):
             print(f"  [{domain}] {prompt!r} -> {text!r}")
+        shares = known_word_shares(plain, tokenizer, corpus)
+        print(f"Words of {SAMPLE_SEEDS} such samples per language found in its corpus (seen at "
+              "least twice there): " + ", ".join(f"{d} {k / max(1, n):.0%} ({k}/{n})"
+                                                 for d, (k, n) in shares.items()))
 
         # Greedy speculative decoding gives exactly plain greedy's text (tests/infer), so one
         # pass measures both the answers and how often the MTP module's drafts are accepted.
         spec = Engine(model, tokenizer, max_batch=max(math_problems.values()), speculative=True)
         accuracy = arithmetic_accuracy(spec, tokenizer, math_problems)
         math_drafts = (spec.stats.accepted, spec.stats.drafted)
-        prompt_outputs(spec, tokenizer, 48, ignore_eos=True)
+        prompt_outputs(spec, tokenizer, max_tokens=48, ignore_eos=True)
     print("\nHeld-out arithmetic (mathgen's test split, difficulty 1), greedy exact answer:")
     print("  " + ", ".join(f"{kind} {right / asked:.0%} ({right}/{asked})"
                            for kind, (right, asked) in accuracy.items()))
