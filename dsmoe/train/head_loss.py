@@ -51,11 +51,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             x_RD, target_R1 = x_ND[r0:r1], target_N[r0:r1, None]
-            logp_RV = torch.log_softmax(torch.mm(x_RD, weight_VD.t()), dim=-1)
-            picked_R1 = logp_RV.gather(1, target_R1)
-            total -= picked_R1.sum()
-            if grads:  # d CE_row / d logits = softmax - one-hot, made in the block's buffer
-                grad_RV = logp_RV.exp_().scatter_(1, target_R1, picked_R1.exp() - 1)
+            logits_RV = torch.mm(x_RD, weight_VD.t())
+            probs_RV = torch.softmax(logits_RV, dim=-1)  # one fused pass; its backward is free
+            picked_R1 = probs_RV.gather(1, target_R1)
+            if bool((picked_R1 > 0).all()):
+                total -= picked_R1.log().sum()
+            else:  # a target's probability below fp32's range: the log-sum-exp form
+                total += (torch.logsumexp(logits_RV, -1, keepdim=True) - logits_RV.gather(1, target_R1)).sum()
+            if grads:  # d CE_row / d logits = softmax - one-hot
+                grad_RV = probs_RV.scatter_(1, target_R1, picked_R1 - 1)
                 torch.mm(grad_RV, weight_VD, out=grad_x_ND[r0:r1])
                 grad_w_VD.addmm_(grad_RV.t(), x_RD)
         if grads:
