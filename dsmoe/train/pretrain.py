@@ -29,6 +29,8 @@ Notable:
 - Per step the JSONL log (`metrics.jsonl`, `run_dir.py`) gets loss, MTP loss, balance loss, lr, grad
   norm, tokens/s and MaxVio per MoE layer; every `eval_interval` steps, validation loss
   per domain. TensorBoard gets the same when it is installed.
+- The output head runs fused with its cross-entropy (`head_loss.py`, handed to
+  `Transformer.run` as its `head_loss`): no step stores the logits.
 - Device and dtype come from `dsmoe/device.py`: fp32 on CPU, bf16 autocast over fp32
   master weights on CUDA.
 Not here: data preparation (`dsmoe/data/`), distributed training (`dsmoe/parallel/`), SFT/RL.
