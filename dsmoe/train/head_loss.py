@@ -49,11 +49,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = x_ND.new_zeros(())
         grad_x_ND = torch.empty_like(x_ND) if grads else None
         grad_w_VD = torch.zeros_like(weight_VD) if grads else None
+        # Two block buffers for every block (fresh ones each block cost page faults).
+        logits_buf = x_ND.new_empty(min(rows, N), V)
+        probs_buf = torch.empty_like(logits_buf)
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             x_RD, target_R1 = x_ND[r0:r1], target_N[r0:r1, None]
-            logits_RV = torch.mm(x_RD, weight_VD.t())
-            probs_RV = torch.softmax(logits_RV, dim=-1)  # one fused pass; its backward is free
+            logits_RV = torch.mm(x_RD, weight_VD.t(), out=logits_buf[:r1 - r0])
+            # one fused pass (its own backward is never needed)
+            probs_RV = torch.ops.aten._softmax.out(logits_RV, -1, False, out=probs_buf[:r1 - r0])
             picked_R1 = probs_RV.gather(1, target_R1)
             if bool((picked_R1 > 0).all()):
                 total -= picked_R1.log().sum()
