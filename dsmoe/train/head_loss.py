@@ -48,7 +48,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         rows = max(MIN_ROWS, BLOCK_LOGITS // V)
         total = x_ND.new_zeros(())
         grad_x_ND = torch.empty_like(x_ND) if grads else None
-        grad_w_VD = torch.zeros_like(weight_VD) if grads else None
+        grad_w_VD = (torch.empty_like if N else torch.zeros_like)(weight_VD) if grads else None
         # Two block buffers for every block (fresh ones each block cost page faults).
         logits_buf = x_ND.new_empty(min(rows, N), V)
         probs_buf = torch.empty_like(logits_buf)
@@ -66,7 +66,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if grads:  # d CE_row / d logits = softmax - one-hot
                 grad_RV = probs_RV.scatter_(1, target_R1, picked_R1 - 1)
                 torch.mm(grad_RV, weight_VD, out=grad_x_ND[r0:r1])
-                grad_w_VD.addmm_(grad_RV.t(), x_RD)
+                if r0 == 0:  # the first block writes the weight's gradient, later ones add to it
+                    torch.mm(grad_RV.t(), x_RD, out=grad_w_VD)
+                else:
+                    grad_w_VD.addmm_(grad_RV.t(), x_RD)
         if grads:
             ctx.save_for_backward(grad_x_ND, grad_w_VD)
         ctx.n_rows = N
