@@ -14,7 +14,7 @@ FLOP/s (`dsmoe.analysis.flops`: 2 per multiply-add, training = 3 x forward, atte
 seq_len keys) over the FLOP/s of a plain fp32 matmul (N x N x N) measured in the same
 run, on the same threads.
 
-    python bench/train_step.py [--quick]      or     python -m bench
+    python bench/train_step.py [--quick] [--preset demo]      or     python -m bench
 Targets on `small`: >= 1.5x transformers' tokens/s and >= 50% MFU.
 """
 from __future__ import annotations
@@ -119,8 +119,8 @@ def measure(args: ModelArgs, B: int, T: int, rounds: int, peak_n: int) -> dict:
             "peak": statistics.median(peak), "losses": (ours_loss, theirs_loss)}
 
 
-def run(quick: bool = False) -> list[dict]:
-    args = ModelArgs.from_preset(PRESET)
+def run(quick: bool = False, preset: str = PRESET) -> list[dict]:
+    args = ModelArgs.from_preset(preset)
     B, T = (4, 128) if quick else (8, 256)
     default = torch.get_num_threads()
     thread_counts = [default] if quick or default == 1 else [default, 1]
@@ -134,7 +134,7 @@ def run(quick: bool = False) -> list[dict]:
         finally:
             torch.set_num_threads(default)
         tps, peak = m["tps"], m["peak"]
-        shape = f"{PRESET}, batch {B}x{T}, fp32, {threads} thread{'s' if threads > 1 else ''}"
+        shape = f"{preset}, batch {B}x{T}, fp32, {threads} thread{'s' if threads > 1 else ''}"
         row = dict(benchmark="train_step")
         rows += [
             {**row, "metric": f"dsmoe_tokens_per_s@{threads}t", "value": tps["ours"], "unit": "tok/s",
@@ -160,7 +160,9 @@ def run(quick: bool = False) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller batch and fewer rounds")
-    for row in run(parser.parse_args().quick):
+    parser.add_argument("--preset", default=PRESET, help=f"model preset (default: {PRESET})")
+    options = parser.parse_args()
+    for row in run(options.quick, options.preset):
         print(f"{row['metric']:<36} {row['value']:>10.3f} {row['unit']:<6} {row['note']}")
 
 

@@ -73,8 +73,22 @@ def softmax_scale(args: ModelArgs) -> float:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (B, T, H, R) by cos/sin (B or 1, T, R // 2)."""
+    if x.dtype == torch.float32 and cos.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return _apply_rope_complex(x, cos, sin)
     x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, R/2, 2)
     even, odd = x_pairs[..., 0], x_pairs[..., 1]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def _apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation in fp32 as one complex multiply over a view of the pairs: forward
+    and backward one kernel each instead of a dozen (0.74 -> 0.22 ms forward + backward for a
+    training batch's query part at `demo` dims, one CPU thread); the same products and sums,
+    so the same values."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # a complex view needs pairs on 8-byte boundaries
+    rotation = torch.complex(cos, sin).unsqueeze(2)  # (B or 1, T, 1, R/2)
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)

@@ -21,6 +21,7 @@ Not here: a loss. Training objectives live in `dsmoe/train/`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from dsmoe.model.mtp import MTPModule
 from dsmoe.model.quant import int8_linear
 from dsmoe.model.rope import rope_tables
 
+#: (depth, normalised states (B, T, D), the output head) -> what `run` keeps in head_losses.
+HeadLoss = Callable[[int, torch.Tensor, nn.Linear], torch.Tensor]
+
 # Absorbed attention pays C-wide dot products per key for every query; for more than a
 # handful of new tokens, expanding K/V once (naive) is cheaper.
 ABSORB_MAX_NEW_TOKENS = 8
@@ -45,11 +49,12 @@ ABSORB_MAX_NEW_TOKENS = 8
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when a `head_loss` replaced the head
     hidden: torch.Tensor  # (B, T, D): last block's output, before the final norm
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V)
     routing: list[RoutingInfo] = field(default_factory=list)  # one per MoE layer of the main stack
     mtp_routing: list[RoutingInfo] = field(default_factory=list)  # one per MTP module
+    head_losses: list[torch.Tensor] = field(default_factory=list)  # `head_loss`'s: main, then depth k
 
 
 def resolve_attn_impl(impl: str, n_new: int, has_cache: bool) -> str:
@@ -115,14 +120,24 @@ class Transformer(nn.Module):
         return self.run(tokens, cache, attn_impl=attn_impl).logits
 
     def run(self, tokens: torch.Tensor, cache=None, *, attn_impl: str = "auto",
-            mtp: bool = False, mtp_rows: int | None = None) -> ModelOutput:
+            mtp: bool = False, mtp_rows: int | None = None,
+            head_loss: HeadLoss | None = None) -> ModelOutput:
         """tokens (B, T) int. With `mtp`, depth k predicts t_{i+k+1} at positions i < T-k,
-        on the first `mtp_rows` rows (None: all of them)."""
+        on the first `mtp_rows` rows (None: all of them).
+        `head_loss(depth, x_BTD, head)`, when given, replaces the output head: it gets the
+        normalised states the head would read (depth 0: the main model's) and the head
+        module, and what it returns goes to `head_losses`; no logits are made (training
+        fuses the head with its loss, `dsmoe/train/head_loss.py`, while the head's weight is
+        at hand: a sharded model gathers it only around this call)."""
         self.check_input(tokens, cache)
         h, routing = self.hidden(tokens, cache, attn_impl=attn_impl)
-        out = ModelOutput(logits=self.logits(h), hidden=h, routing=routing)
+        out = ModelOutput(logits=None, hidden=h, routing=routing)
+        if head_loss is None:
+            out.logits = self.logits(h)
+        else:
+            out.head_losses.append(head_loss(0, self.norm(h), self.head))
         if mtp:
-            self._run_mtp(tokens[:mtp_rows], out, attn_impl)
+            self._run_mtp(tokens[:mtp_rows], out, attn_impl, head_loss)
         return out
 
     def hidden(self, tokens_BT: torch.Tensor, cache=None, *, attn_impl: str = "auto",
@@ -226,7 +241,7 @@ class Transformer(nn.Module):
             return linear_few_rows(x, (self.head.weight,), self._derived, "head")
         return self.head(x)
 
-    def _run_mtp(self, tokens, out: ModelOutput, attn_impl: str) -> None:
+    def _run_mtp(self, tokens, out: ModelOutput, attn_impl: str, head_loss: HeadLoss | None) -> None:
         """Training-time MTP over full sequences (no cache), the rows of `tokens` (the first
         rows of the batch): depth k sees positions < T-k."""
         h_prev = out.hidden[:tokens.shape[0]]
@@ -236,7 +251,10 @@ class Transformer(nn.Module):
             if n <= 0:
                 break
             h_prev, info = self.mtp_hidden(k, h_prev[:, :n], tokens[:, k:], attn_impl=attn_impl)
-            out.mtp_logits.append(self.mtp_logits(k, h_prev))
+            if head_loss is None:
+                out.mtp_logits.append(self.mtp_logits(k, h_prev))
+            else:
+                out.head_losses.append(head_loss(k, self.mtp[k - 1].norm(h_prev), self.head))
             if info is not None:
                 out.mtp_routing.append(info)
 

@@ -29,6 +29,8 @@ Notable:
 - Per step the JSONL log (`metrics.jsonl`, `run_dir.py`) gets loss, MTP loss, balance loss, lr, grad
   norm, tokens/s and MaxVio per MoE layer; every `eval_interval` steps, validation loss
   per domain. TensorBoard gets the same when it is installed.
+- The output head runs fused with its cross-entropy (`head_loss.py`, handed to
+  `Transformer.run` as its `head_loss`): no step stores the logits.
 - Device and dtype come from `dsmoe/device.py`: fp32 on CPU, bf16 autocast over fp32
   master weights on CUDA.
 Not here: data preparation (`dsmoe/data/`), distributed training (`dsmoe/parallel/`), SFT/RL.
@@ -52,6 +54,7 @@ from dsmoe.train import checkpoint as ckpt
 from dsmoe.train.balance import Balancer
 from dsmoe.train.config import TrainConfig, load_run_config
 from dsmoe.train.curriculum import CurriculumStream
+from dsmoe.train.head_loss import head_cross_entropy
 from dsmoe.train.optim import (Diverged, TrainingDiverged, build_optimizer, check_finite, finish_step,
                                lr_at, set_lr)
 from dsmoe.train.run_dir import (CHECKPOINTS, HF_DIR, MetricsLog, Progress, check_fresh,
@@ -75,14 +78,28 @@ class TrainResult:
 
 # ------------------------------------------------------------------------ losses
 def lm_losses(out, tokens_BW: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Main next-token CE and mean MTP CE over depths for inputs tokens[:, :T]."""
-    main = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens_BW[:, 1:T + 1].flatten())
-    if not out.mtp_logits:
-        return main, None
-    mtp = [F.cross_entropy(logits.flatten(0, 1).float(),
-                           tokens_BW[:logits.shape[0], k + 1:T + 1].flatten())
-           for k, logits in enumerate(out.mtp_logits, start=1)]
-    return main, torch.stack(mtp).mean()
+    """Main next-token CE and mean MTP CE over depths for inputs tokens[:, :T]: from the
+    logits, or from `head_losses` when the model ran with `next_token_losses` as its head.
+    The MTP depths may cover the first rows only (`mtp_fraction`)."""
+    if out.logits is None:
+        main, *mtp = out.head_losses
+    else:
+        main = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens_BW[:, 1:T + 1].flatten())
+        mtp = [F.cross_entropy(logits.flatten(0, 1).float(),
+                               tokens_BW[:logits.shape[0], k + 1:T + 1].flatten())
+               for k, logits in enumerate(out.mtp_logits, start=1)]
+    return main, (torch.stack(mtp).mean() if mtp else None)
+
+
+def next_token_losses(tokens_BW: torch.Tensor, T: int):
+    """The `head_loss` of `Transformer.run` for inputs tokens[:, :T]: depth k's states
+    (k = 0 the main model's; the first rows of the batch, as many as the states have)
+    against the tokens k + 1 ahead, through the output head fused with the cross-entropy
+    (`head_loss.py`): the logits are never stored."""
+    def loss(depth: int, x_BTD: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        target_N = tokens_BW[:x_BTD.shape[0], depth + 1:T + 1].flatten()
+        return head_cross_entropy(x_BTD.flatten(0, 1), head.weight, target_N)
+    return loss
 
 
 @torch.no_grad()
@@ -126,7 +143,8 @@ def train_step(model: Transformer, optimizer, balancer: Balancer, stream, cfg: T
         with autocast(device):
             B = batch.shape[0]
             mtp_rows = max(1, round(cfg.mtp_fraction * B))
-            output = model.run(batch[:, :T], mtp=use_mtp, mtp_rows=mtp_rows)
+            output = model.run(batch[:, :T], mtp=use_mtp, mtp_rows=mtp_rows,
+                               head_loss=next_token_losses(batch, T))
             main, mtp = lm_losses(output, batch, T)
             bal = balancer.loss(output.routing + output.mtp_routing,
                                 [B] * len(output.routing) + [mtp_rows] * len(output.mtp_routing))

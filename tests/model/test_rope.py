@@ -53,3 +53,27 @@ def test_rotation_is_interleaved_pairs():
     out = apply_rope(x, cos[None, :2], sin[None, :2])
     torch.testing.assert_close(out[0, 1, 0, :2], torch.tensor([math.cos(1.0), math.sin(1.0)]))
     assert out[0, :, 0, 2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("offset", [1, 0])  # pairs on 8-byte boundaries, and not (copied)
+def test_complex_rotation_equals_the_real_one_with_gradients(offset):
+    """fp32 rotates as one complex multiply; bf16 (and compiled code) by the real formula:
+    the same values and gradients, also for a slice of a wider tensor (a query's rope part)."""
+    g = torch.Generator().manual_seed(0)
+    args = ModelArgs.from_preset("tiny")
+    cos, sin = rope_tables(args, 6)
+    R = args.qk_rope_head_dim
+    wide = torch.randn(2, 6, 3, 5 + R, generator=g)
+    grads = []
+    for rotate in ("complex", "real"):
+        x = wide.clone().requires_grad_()
+        part = x[..., 5 - offset:5 - offset + R]
+        if rotate == "complex":
+            out = apply_rope(part, cos[None], sin[None])
+        else:  # the real formula, written out
+            even, odd = part[..., 0::2], part[..., 1::2]
+            c, s = cos[None, :, None], sin[None, :, None]
+            out = torch.stack((even * c - odd * s, even * s + odd * c), -1).flatten(-2)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        grads.append((out.detach(), x.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)

@@ -147,6 +147,9 @@ def test_mtp_on_the_first_rows_is_the_full_mtp_of_those_rows():
     main, mtp = lm_losses(part, tokens, T)
     by_hand = [F.cross_entropy(part.mtp_logits[k - 1][0], tokens[0, k + 1:]) for k in (1, 2)]
     torch.testing.assert_close(mtp, (by_hand[0] + by_hand[1]) / 2)
+    fused = model.run(tokens[:, :T], mtp=True, mtp_rows=1, head_loss=pretrain.next_token_losses(tokens, T))
+    for got, want in zip(lm_losses(fused, tokens, T), (main, mtp)):  # the training step's head
+        torch.testing.assert_close(got, want)
     with pytest.raises(ConfigError, match="mtp_fraction"):
         TrainConfig(mtp_fraction=0)
 
