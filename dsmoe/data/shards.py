@@ -242,7 +242,24 @@ def _window(shards: TokenShards, record: ShardRecord, start: int, length: int) -
     return np.asarray(shards.array(record)[start:start + length], dtype=np.int64)
 
 
-class BatchStream:
+class StepStream:
+    """An endless iterator over `batch(step)`, a pure function of the step: iteration yields
+    step 0, 1, ... from `self.step` on (which resuming sets)."""
+    step: int
+
+    def batch(self, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> "StepStream":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
+
+
+class BatchStream(StepStream):
     """Endless training batches `(batch_size, seq_len + 1 + extra)` of int64 token ids.
 
     Row t of a batch holds tokens x[0..seq_len+extra]: inputs are [:, :seq_len], next-token
@@ -302,14 +319,6 @@ class BatchStream:
         rows = [_window(self.shards, self._candidates[i], int(s), self.window)
                 for i, s in zip(picks, starts)]
         return torch.from_numpy(np.stack(rows))
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
 
     def _identity(self) -> dict:
         return {"split": self.split, "batch_size": self.batch_size, "seq_len": self.seq_len,

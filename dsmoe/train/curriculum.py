@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsmoe.data.shards import BatchStream, StepStream
 from dsmoe.errors import ConfigError, DataError
 
 _ROW_DOMAIN_STREAM = 0xC0  # keeps the domain draws apart from the windows' own draws
@@ -52,12 +53,11 @@ def check_curriculum(curriculum: Any, steps: int) -> None:
         last = start
 
 
-class CurriculumStream:
+class CurriculumStream(StepStream):
     """The batch stream of a run with a curriculum (same interface as `BatchStream`)."""
 
     def __init__(self, shards, curriculum: list[dict], batch_size: int, seq_len: int, seed: int,
                  domains: list[str] | None = None):
-        from dsmoe.data.shards import BatchStream
         self.domains = list(domains) if domains is not None else list(shards.domains)
         named = {d for p in curriculum for d in p["shares"]}
         unknown = sorted(named - set(self.domains))
@@ -87,14 +87,6 @@ class CurriculumStream:
             rows.append(batches[name][taken[name]])
             taken[name] += 1
         return torch.stack(rows)
-
-    def __iter__(self) -> "CurriculumStream":
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
 
     def state_dict(self) -> dict:
         return {**self.plain.state_dict(), "curriculum": self.curriculum, "step": self.step}
