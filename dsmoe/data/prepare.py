@@ -90,6 +90,24 @@ def _check_settings(vocab_size: int, val_fraction: float) -> None:
     check_vocab_size(vocab_size)
 
 
+def _check_tokenizer_shares(shares: dict[str, float], domains: Iterable[str]) -> None:
+    domains = list(domains)
+    unknown = sorted(set(shares) - set(domains))
+    if unknown:
+        raise DataError(f"--tokenizer-share names domain(s) {', '.join(unknown)} that the data "
+                        f"does not have; its domains are {', '.join(domains)}")
+    bad = {d: v for d, v in shares.items() if not 0 < v <= 1}  # also refuses NaN
+    if bad:
+        raise DataError("--tokenizer-share must be in (0, 1] for each domain, got "
+                        + ", ".join(f"{d}={v}" for d, v in bad.items()))
+
+
+def tokenizer_documents(docs: list[Document], share: float) -> list[Document]:
+    """`share` of `docs`, spread evenly over them (every document when share is 1)."""
+    count = max(1, round(len(docs) * share)) if docs else 0
+    return [docs[i * len(docs) // count] for i in range(count)]
+
+
 def _check_out(out: Path) -> None:
     """Refuse to replace a directory that prepare did not write."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
@@ -148,11 +166,15 @@ def _manifest(groups, held: dict[str, HeldOut], records, tokenizer: Tokenizer, s
 def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
             vocab_size: int = DEFAULT_VOCAB_SIZE, val_fraction: float = DEFAULT_VAL_FRACTION,
             seed: int = 0, max_chars_per_domain: int = DEFAULT_MAX_CHARS_PER_DOMAIN,
-            show_progress: bool = True) -> dict:
+            show_progress: bool = True, tokenizer_shares: dict[str, float] | None = None) -> dict:
     """Build (or reuse) a data directory and return its manifest.
 
     `data_paths=None` uses the default corpus, capped at `max_chars_per_domain` characters
     per domain; user files are never capped. `seed` picks the validation documents.
+    `tokenizer_shares` maps a domain to the share of its training documents that the BPE
+    learns its merges from (1 for a domain not named): a smaller share leaves that domain
+    fewer whole-word tokens and the others more. Every document is still encoded and
+    trained on.
     """
     out = Path(out_dir)
     _check_settings(vocab_size, val_fraction)
@@ -164,9 +186,13 @@ def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
     else:
         documents = load_documents(paths)
     groups = _by_domain(documents)
+    tokenizer_shares = {d: float(v) for d, v in (tokenizer_shares or {}).items()}
+    _check_tokenizer_shares(tokenizer_shares, groups)
     settings = {"data": paths, "max_chars_per_domain": max_chars_per_domain if paths is None
                 else None, "vocab_size": vocab_size, "val_fraction": val_fraction,
                 "seed": seed, "prepare_version": PREPARE_VERSION}
+    if tokenizer_shares:  # only when given, so directories prepared without it stay reusable
+        settings["tokenizer_shares"] = tokenizer_shares
     input_hash = _input_hash(groups, settings)
 
     manifest = _reusable(out, input_hash)
@@ -185,7 +211,8 @@ def prepare(out_dir: str | Path, data_paths: Iterable[str | Path] | None = None,
         raise DataError(f"cannot create {out} ({err.strerror or err}); choose a writable "
                         "--out folder") from err
     try:
-        train_texts = [d.text for h in held.values() for d in h.train]
+        train_texts = [d.text for domain, h in held.items()
+                       for d in tokenizer_documents(h.train, tokenizer_shares.get(domain, 1.0))]
         if show_progress:
             print(f"prepare: training a {vocab_size}-token BPE on {len(train_texts)} documents")
         # The tokenizers library's bar only renders on a terminal; elsewhere it prints blanks.
@@ -244,9 +271,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "1/F documents holds out the tail of its text")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed choosing the held-out validation documents (default 0)")
+    parser.add_argument("--tokenizer-share", nargs="+", default=[], metavar="DOMAIN=SHARE",
+                        help="learn the BPE merges from only this share of a domain's training "
+                        "documents (e.g. code=0.1: code gets fewer whole-word tokens, the other "
+                        "domains more); every document is still encoded (default: all)")
+
+
+def parse_shares(pairs: list[str]) -> dict[str, float]:
+    """{"code": 0.1} from ["code=0.1"], with an error that names a malformed pair."""
+    shares = {}
+    for pair in pairs:
+        domain, sep, value = pair.partition("=")
+        try:
+            shares[domain] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not domain:
+            raise DataError(f"--tokenizer-share takes DOMAIN=SHARE pairs such as code=0.1, got {pair!r}")
+    return shares
 
 
 def run(args: argparse.Namespace) -> int:
     prepare(args.out, args.data, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-            seed=args.seed)
+            seed=args.seed, tokenizer_shares=parse_shares(args.tokenizer_share))
     return 0

@@ -183,3 +183,72 @@ def test_failure_midway_leaves_the_previous_output(user_files, tmp_path, monkeyp
     assert json.loads((out / "manifest.json").read_text()) == before
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
     TokenShards(out, verify=True)
+
+
+def _two_domains(folder):
+    """A prose domain and a code domain whose identifiers occur nowhere else."""
+    folder.mkdir()
+    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"{PARAGRAPHS[i % 5]} {PARAGRAPHS[(i + 2) % 5]}", "domain": "prose"}) + "\n")
+            f.write(json.dumps({"text": f"def quxzzy_handler_{i % 4}(frobnicate_value):\n    return "
+                                        f"frobnicate_value.quxzzy_{i % 3}()\n", "domain": "code"}) + "\n")
+    return folder
+
+
+def test_tokenizer_share_learns_merges_from_a_share_of_a_domain(tmp_path):
+    from dsmoe.data.tokenizer import Tokenizer
+    src = _two_domains(tmp_path / "src")
+    full = prepare(tmp_path / "full", [src], vocab_size=320, val_fraction=0.1, show_progress=False)
+    shared = prepare(tmp_path / "shared", [src], vocab_size=320, val_fraction=0.1, show_progress=False,
+                     tokenizer_shares={"code": 0.1})
+    assert shared["settings"]["tokenizer_shares"] == {"code": 0.1}
+    assert "tokenizer_shares" not in full["settings"]
+    # every document is still encoded: the same documents, in both splits
+    for split in ("train", "val"):
+        assert shared["domains"]["code"][split]["documents"] == full["domains"]["code"][split]["documents"]
+    # fewer of the code domain's strings became tokens
+    code_doc = "def quxzzy_handler_0(frobnicate_value):\n    return frobnicate_value.quxzzy_0()\n"
+    assert (len(Tokenizer.from_dir(tmp_path / "shared").encode(code_doc))
+            > len(Tokenizer.from_dir(tmp_path / "full").encode(code_doc)))
+    picked = prepare_module.tokenizer_documents(list(range(36)), 0.1)
+    assert picked == [0, 9, 18, 27]  # 4 of 36, evenly spread
+    assert prepare_module.tokenizer_documents(list(range(5)), 1.0) == list(range(5))
+    assert prepare_module.tokenizer_documents(list(range(5)), 0.01) == [0]
+
+
+def test_tokenizer_share_equals_training_on_the_chosen_documents(tmp_path):
+    from dsmoe.data.holdout import hold_out
+    from dsmoe.data.tokenizer import Tokenizer, train_tokenizer
+    from dsmoe.data.userfiles import load_documents
+    src = _two_domains(tmp_path / "src")
+    prepare(tmp_path / "out", [src], vocab_size=320, val_fraction=0.1, show_progress=False,
+            tokenizer_shares={"code": 0.25, "prose": 0.5})
+    docs = load_documents([str(src)])
+    texts = []
+    for domain, share in (("prose", 0.5), ("code", 0.25)):
+        train = hold_out([d for d in docs if d.domain == domain], 0.1, 0).train
+        texts += [d.text for d in prepare_module.tokenizer_documents(train, share)]
+    expected = train_tokenizer(texts, 320)
+    assert Tokenizer.from_dir(tmp_path / "out").sha256() == expected.sha256()
+
+
+@pytest.mark.parametrize("shares, message", [({"cod": 0.5}, "does not have; its domains are prose, code"),
+                                             ({"code": 0.0}, r"must be in \(0, 1\].*code=0.0"),
+                                             ({"code": 1.5}, r"must be in \(0, 1\]"),
+                                             ({"code": float("nan")}, r"must be in \(0, 1\]")])
+def test_bad_tokenizer_share_is_refused_before_writing(tmp_path, shares, message):
+    src = _two_domains(tmp_path / "src")
+    with pytest.raises(DataError, match=message):
+        prepare(tmp_path / "out", [src], vocab_size=320, show_progress=False, tokenizer_shares=shares)
+    assert _nothing_written(tmp_path / "out")
+
+
+def test_tokenizer_share_on_the_command_line(tmp_path, capsys):
+    src = _two_domains(tmp_path / "src")
+    assert cli.main(["prepare", "--out", str(tmp_path / "out"), "--data", str(src), "--vocab-size", "320",
+                     "--tokenizer-share", "code=0.5"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["tokenizer_shares"] == {"code": 0.5}
+    for bad in ("code", "code=", "=0.5", "code=half"):
+        with pytest.raises(DataError, match="DOMAIN=SHARE pairs"):
+            prepare_module.parse_shares([bad])
