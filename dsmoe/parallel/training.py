@@ -52,9 +52,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ep", type=int, default=0,
                        help="expert-parallel degree (divides the world size and the number of "
                             "routed experts); default: all ranks")
+    group.add_argument("--replicate", action="store_true",
+                       help="whole-model replicas, gradients averaged in one all-reduce a step: "
+                            "faster than sharding for a model that fits one device (on a CPU, "
+                            "run one thread per process: OMP_NUM_THREADS=1)")
     group.add_argument("--dist-timeout", type=float, default=None,
                        help="seconds a collective may wait for a silent rank before failing "
                             "(default 600, or DSMOE_DIST_TIMEOUT)")
+
+
+def session_from_env(device: str | torch.device | None, ep: int = 0, replicate: bool = False,
+                     timeout_s: float | None = None):
+    """The session of a torchrun run: `ReplicaTraining` with `replicate`, else the sharded
+    `DistTraining`; None without torchrun (nothing is initialised)."""
+    if replicate and ep:
+        raise ConfigError(f"--replicate keeps every expert on every rank; drop --ep {ep} "
+                          "(expert parallelism is the sharded layout's)")
+    if replicate and not in_torchrun():
+        raise ConfigError("--replicate needs a distributed run: start with "
+                          "`torchrun --nproc-per-node N -m dsmoe train --replicate ...`")
+    if replicate:
+        from dsmoe.parallel.replica import ReplicaTraining
+        return ReplicaTraining.from_env(device, timeout_s)
+    return DistTraining.from_env(device, ep, timeout_s)
 
 
 @dataclass

@@ -295,7 +295,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model_args, cfg = load_run_config(args.preset, args.config, steps=args.steps)
-    session = _parallel().DistTraining.from_env(cfg.device, args.ep, args.dist_timeout)  # None: no torchrun
+    session = _parallel().session_from_env(cfg.device, args.ep, args.replicate,
+                                           args.dist_timeout)  # None: no torchrun
     with session or contextlib.nullcontext():
         result = train(model_args, cfg, args.data, args.out, resume=args.resume,
                        progress=False if args.no_progress else None, session=session)
