@@ -317,6 +317,26 @@ def problems(split: str = "train", seed: int = 0, difficulty: int | None = None,
             yield problem
 
 
+def distinct(stream: Iterator[MathProblem], patience: int = 20_000) -> Iterator[MathProblem]:
+    """The problems of `stream` whose question has not come before, in order; ends once
+    `patience` problems in a row were repeats (the stream has no new ones left).
+
+    A stream repeats small problems often: at difficulty 1 a quarter of the additions are
+    one digit plus one digit, of which there are only a hundred.
+    """
+    seen: set[str] = set()
+    repeats = 0
+    for problem in stream:
+        if problem.question in seen:
+            repeats += 1
+            if repeats >= patience:
+                return
+            continue
+        seen.add(problem.question)
+        repeats = 0
+        yield problem
+
+
 def as_prompt(problem: MathProblem) -> str:
     """The text a model is given before it solves: the question and a `Solution:` cue."""
     return f"Question: {problem.question}\nSolution:\n"

@@ -15,6 +15,7 @@ Not here: the GRPO objective and loop (`grpo.py`), other verifiers (`rewards.py`
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from dsmoe.data import mathgen
@@ -34,22 +35,14 @@ def held_out_problems(n: int, seed: int = 0, difficulty: int | None = 1,
     accuracy by ten points. Raises ValueError when the split has fewer than `n` such
     problems.
     """
-    seen: dict[str, mathgen.MathProblem] = {}
-    since_new = 0
-    patience = max(20_000, 200 * n)  # draws without a new problem before giving up
-    for problem in mathgen.problems("test", seed=seed, difficulty=difficulty, kinds=kinds):
-        if len(seen) == n:
-            break
-        if problem.question in seen:
-            since_new += 1
-            if since_new > patience:
-                raise ValueError(
-                    f"mathgen's test split has only {len(seen)} distinct problems of kinds "
-                    f"{kinds or 'all'} at difficulty {difficulty or '1-4'}, fewer than the {n} asked; "
-                    f"ask for at most {len(seen)}, or a higher difficulty")
-        else:
-            seen[problem.question], since_new = problem, 0
-    return list(seen.values())
+    stream = mathgen.problems("test", seed=seed, difficulty=difficulty, kinds=kinds)
+    problems = list(itertools.islice(mathgen.distinct(stream, patience=max(20_000, 200 * n)), n))
+    if len(problems) < n:
+        raise ValueError(
+            f"mathgen's test split has only {len(problems)} distinct problems of kinds "
+            f"{kinds or 'all'} at difficulty {difficulty or '1-4'}, fewer than the {n} asked; "
+            f"ask for at most {len(problems)}, or a higher difficulty")
+    return problems
 
 
 def prompt_ids(tokenizer, problem: mathgen.MathProblem) -> list[int]:

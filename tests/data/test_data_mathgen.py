@@ -148,3 +148,15 @@ def test_bad_arguments_raise():
         mathgen.generate_problem(random.Random(0), kinds=("calculus",))
     with pytest.raises(ValueError, match="split"):
         next(mathgen.problems("dev"))
+
+
+def test_distinct_keeps_first_occurrences_in_order_and_ends_when_only_repeats_come():
+    import itertools
+    stream = list(itertools.islice(mathgen.problems("train", seed=0, difficulty=1, kinds=("addition",)), 300))
+    first = list(dict.fromkeys(p.question for p in stream))
+    assert len(first) < len(stream)  # the raw stream repeats small problems
+    assert [p.question for p in mathgen.distinct(iter(stream))] == first
+    # a stream that has nothing new left ends the distinct one after `patience` repeats
+    repeating = itertools.chain(stream[:3], itertools.repeat(stream[0]))
+    assert [p.question for p in mathgen.distinct(repeating, patience=50)] == list(dict.fromkeys(
+        p.question for p in stream[:3]))
