@@ -17,6 +17,7 @@ def test_demo_settings_fit_the_preset_and_are_the_same_everywhere():
     cfg = demo.demo_config()
     cfg.check_model(args)
     assert cfg.steps == demo.STEPS and cfg.max_seconds == 0  # a fixed length, never a clock
+    assert cfg.threads == demo.THREADS == 2  # fixed, never the machine's count (0 would be)
     assert 0 < cfg.curriculum[0]["from"] < cfg.steps * (1 - cfg.decay_fraction)  # math-heavy decay
     assert cfg == demo.demo_config()
     names = demo.moe_layer_names(args)
