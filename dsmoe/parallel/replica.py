@@ -33,14 +33,16 @@ import torch.distributed as dist
 from torch import nn
 
 from dsmoe.parallel import checkpoint as dcp_ckpt
-from dsmoe.errors import CheckpointError, ConfigError
-from dsmoe.parallel.launch import DistContext, agree, init, shutdown
+from dsmoe.errors import CheckpointError
+from dsmoe.parallel.data_parallel import DataParallelRanks
+from dsmoe.parallel.launch import DistContext, init, shutdown
 from dsmoe.train.session import LocalTraining
 
 
-class ReplicaTraining(LocalTraining):
-    """The session of a `--replicate` run: `LocalTraining` on every rank, plus the
-    collectives that keep the replicas equal."""
+class ReplicaTraining(DataParallelRanks, LocalTraining):
+    """The session of a `--replicate` run: `LocalTraining` on every rank, with this rank's
+    rows of the batch (`DataParallelRanks`) and the collectives that keep the replicas
+    equal."""
 
     def __init__(self, ctx: DistContext):
         super().__init__(ctx.device)
@@ -50,17 +52,6 @@ class ReplicaTraining(LocalTraining):
     def from_env(cls, device: str | torch.device | None, timeout_s: float | None = None) -> "ReplicaTraining":
         return cls(init(device, timeout_s))
 
-    @property
-    def is_main(self) -> bool:  # type: ignore[override]
-        return self.ctx.is_main
-
-    def check(self, run_record: dict[str, Any], batch_size: int) -> None:
-        if batch_size % self.ctx.world_size:
-            raise ConfigError(f"TrainConfig.batch_size={batch_size} is the global batch and must "
-                              f"be divisible by the {self.ctx.world_size} ranks; choose a multiple "
-                              f"of {self.ctx.world_size}")
-        agree(self.ctx, "run config (model, training settings, data)", run_record)
-
     def prepare(self, model: nn.Module) -> nn.Module:
         """Rank 0's weights and buffers on every rank (they are built from the same seed
         anyway; this makes equality a fact, not an assumption)."""
@@ -68,13 +59,6 @@ class ReplicaTraining(LocalTraining):
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
         return model
-
-    def local(self, batch_BW: torch.Tensor) -> torch.Tensor:
-        n = batch_BW.shape[0] // self.ctx.world_size
-        return batch_BW[self.ctx.rank * n:(self.ctx.rank + 1) * n]
-
-    def reduce_loads(self, loads_LE: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce_sum(loads_LE.clone())
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Average the replicas' gradients (the global batch's gradient), then clip it.
@@ -91,11 +75,6 @@ class ReplicaTraining(LocalTraining):
             p.grad = flat[offset:offset + g.numel()].view_as(g)
             offset += g.numel()
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def average(self, values: dict[str, float]) -> dict[str, float]:
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.ctx.device)
-        self.ctx.all_reduce_sum(t)
-        return dict(zip(values, (t / self.ctx.world_size).tolist()))
 
     def full_model(self, checkpoint: str | Path | None) -> nn.Module | None:
         return self.model if self.is_main else None

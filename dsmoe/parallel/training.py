@@ -39,7 +39,8 @@ from torch import nn
 
 from dsmoe.atomic import make_temp_dir, remove_leftovers, swap_into_place, write_synced
 from dsmoe.parallel import checkpoint as dcp_ckpt
-from dsmoe.parallel.launch import DistContext, agree, in_torchrun, init, init_single, shutdown
+from dsmoe.parallel.data_parallel import DataParallelRanks
+from dsmoe.parallel.launch import DistContext, in_torchrun, init, init_single, shutdown
 from dsmoe.parallel.parallelize import ParallelLayout, clip_grad_norm_, parallelize
 from dsmoe.errors import CheckpointError, ConfigError
 
@@ -78,7 +79,7 @@ def session_from_env(device: str | torch.device | None, ep: int = 0, replicate: 
 
 
 @dataclass
-class DistTraining:
+class DistTraining(DataParallelRanks):
     ctx: DistContext
     layout: ParallelLayout
 
@@ -98,38 +99,11 @@ class DistTraining:
         """One rank without torchrun: continues a run whose checkpoints are sharded."""
         return cls(init_single(device), ParallelLayout())
 
-    @property
-    def is_main(self) -> bool:
-        return self.ctx.is_main
-
-    def check(self, run_record: dict[str, Any], batch_size: int) -> None:
-        """Before any work: the batch splits evenly and every rank runs the same thing."""
-        if batch_size % self.ctx.world_size:
-            raise ConfigError(f"TrainConfig.batch_size={batch_size} is the global batch and must "
-                              f"be divisible by the {self.ctx.world_size} ranks; choose a multiple "
-                              f"of {self.ctx.world_size}")
-        agree(self.ctx, "run config (model, training settings, data)", run_record)
-
     def prepare(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self.layout, self.ctx)
 
-    def local(self, batch_BW: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of the global batch."""
-        n = batch_BW.shape[0] // self.ctx.world_size
-        return batch_BW[self.ctx.rank * n:(self.ctx.rank + 1) * n]
-
-    def reduce_loads(self, loads_LE: torch.Tensor) -> torch.Tensor:
-        """Per-expert token counts summed over ranks: the bias update sees the global batch."""
-        return self.ctx.all_reduce_sum(loads_LE.clone())
-
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(model, max_norm, self.ctx)
-
-    def average(self, values: dict[str, float]) -> dict[str, float]:
-        """Per-rank scalars (losses of its rows) averaged over ranks, in one all-reduce."""
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.ctx.device)
-        self.ctx.all_reduce_sum(t)
-        return dict(zip(values, (t / self.ctx.world_size).tolist()))
 
     def full_model(self, checkpoint: str | Path) -> nn.Module | None:
         """On rank 0, the single-device model consolidated from a sharded checkpoint (for
