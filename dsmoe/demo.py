@@ -94,9 +94,6 @@ PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code":
            "math": "Question: What is 12 + 30?\nSolution:\n"}
 LANGUAGE_DOMAINS = ("en", "fr", "es", "code")
 MATH_CHARS = 3_000_000
-# The share of each domain's training documents the tokenizer learns its merges from
-# (`dsmoe prepare --tokenizer-share`); every document is still trained on.
-TOKENIZER_SHARES: dict[str, float] = {}
 MATH_KINDS = ("addition", "subtraction", "multiplication", "division")  # simplest first
 # The order the demo's math documents cycle through: the simplest kind gets twice the practice.
 MATH_CYCLE = ("addition", "subtraction", "addition", "multiplication", "division")
@@ -293,7 +290,7 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     model_args = ModelArgs.from_preset(preset)
     print(f"== 1. data: the embedded corpus (math at difficulty 1), tokenised into {data_dir}")
     corpus = write_corpus(Path(out) / CORPUS_NAME, max_chars_per_domain, math_chars)
-    prepare(data_dir, [corpus], vocab_size=model_args.vocab_size, tokenizer_shares=TOKENIZER_SHARES)
+    prepare(data_dir, [corpus], vocab_size=model_args.vocab_size)
     shards = TokenShards(data_dir)
 
     print(f"\n== 2. pretraining the `{preset}` preset")

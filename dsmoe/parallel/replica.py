@@ -17,7 +17,7 @@ depends on how well the threads parallelise the step's many small operations
 
 Same update as one process: rows [r·B/W, (r+1)·B/W) per rank, each rank's loss the mean
 over its rows, gradients averaged, so with equal rows per rank the step is the
-single-process one up to float rounding (tests/parallel/test_replica.py).
+single-process one up to float rounding (tests/parallel/test_torchrun_train.py).
 Checkpoints are the single-process ones (`dsmoe/train/checkpoint.py`), written by rank 0
 while the others wait: a replica run resumes with or without torchrun, at any world size
 that divides the batch.
@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsmoe.parallel import checkpoint as dcp_ckpt
 from dsmoe.errors import CheckpointError
+from dsmoe.parallel import checkpoint as dcp_ckpt
 from dsmoe.parallel.data_parallel import DataParallelRanks
 from dsmoe.parallel.launch import DistContext, init, shutdown
 from dsmoe.train.session import LocalTraining
