@@ -39,6 +39,9 @@ SCALE_DTYPE = torch.bfloat16  # what the int8 kernel takes
 # weight once for the whole matmul is faster (measured on 2 CPU threads, 4096 x 1024:
 # kernel 0.8 ms at 1 row, 3.7 ms at 8, 13.7 ms at 32 against 10 ms converted).
 KERNEL_MAX_ROWS = 16
+# torch's int8 kernel reads the inner dimension 16 at a time with no tail: an inner size that
+# is not a multiple of 16 (an expert of width 72) crashes the process (torch 2.13, CPU).
+PACK_MM_INNER_MULTIPLE = 16
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -63,7 +66,7 @@ def int8_linear(x: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -> t
     x_RI = x.reshape(-1, I)
     if x_RI.shape[0] <= kernels.MAX_ROWS and kernels.supports(x_RI, q_OI):
         return kernels.linear(x_RI, q_OI, scale_O).view(*lead, q_OI.shape[0])
-    if x.device.type == "cpu" and x_RI.shape[0] <= KERNEL_MAX_ROWS:
+    if x.device.type == "cpu" and x_RI.shape[0] <= KERNEL_MAX_ROWS and I % PACK_MM_INNER_MULTIPLE == 0:
         y = torch._weight_int8pack_mm(x_RI.to(SCALE_DTYPE).contiguous(), q_OI, scale_O).to(x.dtype)
     else:
         y = F.linear(x_RI, q_OI.to(x.dtype)) * scale_O.to(x.dtype)

@@ -39,6 +39,26 @@ def test_kernel_and_converted_paths_agree():
     assert torch.allclose(few, exact, atol=0.02 * exact.abs().max().item())
 
 
+def test_every_row_count_works_for_an_inner_size_torchs_int8_kernel_cannot_take():
+    """An expert of width 72 (not a multiple of 16): torch's int8 kernel crashed the process
+    on its 9-16-row path. Run in a child process, so a crash fails this test, not the run."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from dsmoe.model.quant import KERNEL_MAX_ROWS, int8_linear, quantize_rows\n"
+        "torch.manual_seed(0)\n"
+        "q, scale = quantize_rows(torch.randn(96, 72))\n"
+        "w = q.float() * scale.float()[:, None]\n"
+        "for rows in range(1, KERNEL_MAX_ROWS + 3):\n"
+        "    x = torch.randn(rows, 72)\n"
+        "    y, exact = int8_linear(x, q, scale), x @ w.T\n"
+        "    assert torch.allclose(y, exact, atol=0.02 * exact.abs().max().item()), rows\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
 @pytest.mark.parametrize("n_tokens", [1, 40])
 def test_int8_logits_are_close_to_fp32(tiny_args, build, n_tokens):
     model = build(_args(tiny_args))
