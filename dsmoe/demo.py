@@ -5,7 +5,7 @@ laptop CPU for a few minutes, and show that it learned.
    worked arithmetic at difficulty 1) as JSONL in ./out/demo-corpus, prepared with the `demo`
    preset's vocabulary into ./out/demo-data (reused when unchanged);
 2. train the `demo` preset (MLA, 8 routed experts + 1 shared, aux-loss-free balancing,
-   MTP on a quarter of the rows) into ./out/demo for a fixed number of steps on two
+   MTP on an eighth of the rows) into ./out/demo for a fixed number of steps on two
    threads (the same run on every machine; two quiet cores take about five minutes for the
    whole demo with spinning OpenMP waits, as `make demo` runs it, a busy machine longer;
    the start says how long to expect), with a curriculum: all domains mixed first, then
@@ -19,12 +19,15 @@ laptop CPU for a few minutes, and show that it learned.
    speculative decoding accepts, the expert load of every MoE layer, a PNG of loss and
    MaxVio over training, and the `dsmoe explore` command for the model.
 
-Why these sizes: two cores buy about two million training tokens in a few minutes, so the
-model is small (2.3M parameters) and fast per token, with a 2048-token vocabulary (the
-output head, used twice with MTP, is most of a small model's step). A 4096-token vocabulary
-makes the samples more real words (about 90% against 80%, as real text scores 92-93%: more
-words are one token), but costs a fifth of the steps, which the arithmetic cannot spare
-(docs/training.md). Why a fixed step count and thread count, not a time budget: the same
+Why these sizes: two cores buy about two and a half million training tokens in five
+minutes, so the model is small (1.8M parameters, dim 96) and fast per token. Its vocabulary
+is 4096 tokens, so that common words are one token and the samples are real words (about 90%
+known, as real text scores 92-93%; at 2048 more words take two tokens or three and the model
+joins real pieces into invented words, 71-82% known); the tokenizer learns its merges from a tenth of
+the code (TOKENIZER_SHARES), which keeps code's tokens as short as at 2048 and its loss well
+below its unigram entropy. The output head is most of a small model's step: dim 96 at 4096
+costs what dim 128 at 2048 did, and learned the arithmetic as fast per step in math-only
+runs (docs/training.md). Why a fixed step count and thread count, not a time budget: the same
 command gives the same model and figures on a busy machine as on a quiet one; only the wall
 time differs.
 The demo never asks for anything and starts its run afresh each time (./out/demo is its
@@ -49,12 +52,13 @@ from dsmoe.train.config import TrainConfig
 OUT = Path("out")
 CORPUS_NAME, DATA_NAME, RUN_NAME, PLOT_NAME = "demo-corpus", "demo-data", "demo", "training.png"
 PRESET = "demo"
-STEPS = 2300
+# 2600 steps of 1024 tokens: about 300 s on two quiet cores.
+STEPS = 2600
 # Two threads on every machine, never what the machine offers: floats round differently over
 # another number of threads, and the runs then part after a few dozen steps into another
-# model. Its arithmetic is another draw near a threshold: this recipe on one thread gave 4%
-# held-out additions where two give 39% (docs/training.md). A busy machine gives the same
-# model, later.
+# model. Its arithmetic is another draw near a threshold (an earlier recipe on one thread
+# gave 4% held-out additions where two gave 39%, docs/training.md). A busy machine gives the
+# same model, later.
 THREADS = 2
 # A whole run's steps take about this many times the few timed at the start (quiet box: 0.116
 # s a step over the run against 0.09 s timed; evaluations and the export are on top).
@@ -62,19 +66,19 @@ STEP_TIME_FACTOR = 1.3
 # gamma: the bias must move faster than DeepSeek's 0.001 to matter within a few hundred steps.
 # WSD: a short run learns more at the peak rate, then gains in the final decay.
 # mtp_fraction: the MTP module (and its pass through the output head) on every row was a
-# third of a step; on a quarter of the rows its drafts are still accepted ~85-90% of the
-# time, and the time saved buys 300 more steps (2000 steps with MTP on every row took as
-# long as 2300 now).
+# third of a step; on an eighth of the rows its drafts are still accepted ~85-90% of the
+# time, and the steps saved go to the arithmetic.
 SETTINGS = dict(batch_size=8, seq_len=128, lr=5e-3, min_lr_ratio=0.05, warmup_steps=30,
                 schedule="wsd", decay_fraction=0.3, gamma=0.01, eval_batches=4, keep_last=1,
-                log_interval=50, seed=0, mtp_fraction=0.25)
-# The curriculum (dsmoe/train/curriculum.py), as fractions of the steps: the first 30% mix
+                log_interval=50, seed=0, mtp_fraction=0.125)
+# The curriculum (dsmoe/train/curriculum.py), as fractions of the steps: the first 20% mix
 # all domains by their tokens (math is about a quarter), enough for prose and code to pass
-# their unigram entropy; then 85% of the rows are math, into the final learning-rate decay
-# (the model learns to read digits out of the question only from many math rows late in the
-# run: mixed all along, or math first and mixed during the decay, addition stayed at 0-4%);
-# the last 15% mix all domains again, so that prose and code samples are prose and code.
-MATH_FROM, MATH_SHARE, MIXED_AGAIN_FROM = 0.3, 0.85, 0.85
+# their unigram entropy; then 90% of the rows are math, into the final learning-rate decay
+# (the model learns to copy digits out of the question only from many math rows: about
+# 1,300-1,600 steps' worth, late in the run; mixed all along, or math first and mixed during
+# the decay, addition stayed at 0-4%); the last 15% mix all domains again, so that prose and
+# code samples are prose and code.
+MATH_FROM, MATH_SHARE, MIXED_AGAIN_FROM = 0.2, 0.9, 0.85
 # Low: a young model's probability mass beyond its top few tokens is mostly noise (at 0.7 its
 # samples were half made-up words, at 0.3 mostly real ones); 0 repeats the commonest phrase.
 SAMPLE_TEMPERATURE = 0.3
@@ -94,6 +98,10 @@ PROMPTS = {"en": "The history of", "fr": "La ville de", "es": "El río", "code":
            "math": "Question: What is 12 + 30?\nSolution:\n"}
 LANGUAGE_DOMAINS = ("en", "fr", "es", "code")
 MATH_CHARS = 3_000_000
+# The tokenizer learns its merges from a tenth of the code documents (`dsmoe prepare
+# --tokenizer-share`): code keeps about the token lengths a 2048 vocabulary gives it and the
+# languages get the whole words.
+TOKENIZER_SHARES = {"code": 0.1}
 MATH_KINDS = ("addition", "subtraction", "multiplication", "division")  # simplest first
 # The order the demo's math documents cycle through: the simplest kind gets twice the practice.
 MATH_CYCLE = ("addition", "subtraction", "addition", "multiplication", "division")
@@ -290,7 +298,7 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
     model_args = ModelArgs.from_preset(preset)
     print(f"== 1. data: the embedded corpus (math at difficulty 1), tokenised into {data_dir}")
     corpus = write_corpus(Path(out) / CORPUS_NAME, max_chars_per_domain, math_chars)
-    prepare(data_dir, [corpus], vocab_size=model_args.vocab_size)
+    prepare(data_dir, [corpus], vocab_size=model_args.vocab_size, tokenizer_shares=TOKENIZER_SHARES)
     shards = TokenShards(data_dir)
 
     print(f"\n== 2. pretraining the `{preset}` preset")
