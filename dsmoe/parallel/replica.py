@@ -9,11 +9,11 @@ the logged scalars, a few numbers each).
 
 Why: for a small model the collectives of FSDP and expert parallelism cost more than the
 work they split (the sharded layout ran the demo model no faster on two processes than one
-process with two threads). Replicas pay one all-reduce a step (about 9 ms for the demo
-model's 2.3M gradients over gloo); whether that beats one process with two threads
-depends on how well the threads parallelise the step's many small operations
-(`python -m bench replicas`, demo preset, 2 cores): 0.96x at vocabulary 2048 and 1.14x at
-4096 against two spinning threads (OMP_WAIT_POLICY=ACTIVE), 1.6x against two sleeping ones.
+process with two threads). Replicas pay one all-reduce a step (about 9 ms for 2.3M
+gradients over gloo); whether that beats one process with two threads depends on how well
+the threads parallelise the step's many small operations (`python -m bench replicas`, the
+demo preset at dim 128, 2 cores): 0.96x at vocabulary 2048 and 1.14x at 4096 against two
+spinning threads (OMP_WAIT_POLICY=ACTIVE), 1.6x against two sleeping ones.
 
 Same update as one process: rows [r·B/W, (r+1)·B/W) per rank, each rank's loss the mean
 over its rows, gradients averaged, so with equal rows per rank the step is the
