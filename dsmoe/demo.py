@@ -23,9 +23,9 @@ Why these sizes: two cores buy about two and a half million training tokens in f
 minutes, so the model is small (1.8M parameters, dim 96) and fast per token. Its vocabulary
 is 4096 tokens, so that common words are one token and the samples are real words (about 90%
 known, as real text scores 92-93%; at 2048 more words take two tokens or three and the model
-joins real pieces into invented words, 71-82% known); the tokenizer learns its merges from a tenth of
-the code (TOKENIZER_SHARES), which keeps code's tokens as short as at 2048 and its loss well
-below its unigram entropy. The output head is most of a small model's step: dim 96 at 4096
+joins real pieces into invented words, 71-82% known); the tokenizer learns its merges from a
+tenth of the code (TOKENIZER_SHARES), which keeps code's tokens as short as at 2048 and its
+loss well below its unigram entropy. The output head is most of a small model's step: dim 96 at 4096
 costs what dim 128 at 2048 did, and learned the arithmetic as fast per step in math-only
 runs (docs/training.md). Why a fixed step count and thread count, not a time budget: the same
 command gives the same model and figures on a busy machine as on a quiet one; only the wall
@@ -328,12 +328,13 @@ def demo(steps: int = STEPS, out: Path = OUT, preset: str = PRESET,
         for (domain, prompt), text in zip(PROMPTS.items(), texts):
             print(f"  [{domain}] {prompt!r} -> {text!r}")
         shares = known_word_shares(plain, tokenizer, corpus)
-        n = SAMPLE_SEEDS * len(WORD_PROMPTS["en"])
-        print(f"Words of {n} such samples per language ({len(WORD_PROMPTS['en'])} openings) found in "
-              "its corpus (seen at least twice there): "
-              + ", ".join(f"{d} {k / max(1, n):.0%} ({k}/{n})" for d, ((k, n), _) in shares.items())
-              + "; real text scores " + ", ".join(f"{d} {k / max(1, n):.0%}" for d, (_, (k, n)) in shares.items())
-              + " (a tenth of the corpus against the rest)")
+        samples = ", ".join(f"{d} {known / max(1, total):.0%} ({known}/{total})"
+                            for d, ((known, total), _) in shares.items())
+        real = ", ".join(f"{d} {known / max(1, total):.0%}" for d, (_, (known, total)) in shares.items())
+        openings = len(WORD_PROMPTS["en"])
+        print(f"Words of {SAMPLE_SEEDS * openings} such samples per language ({openings} openings) "
+              f"found in its corpus (seen at least twice there): {samples}; real text scores "
+              f"{real} (a tenth of the corpus against the rest)")
 
         # Greedy speculative decoding gives exactly plain greedy's text (tests/infer), so one
         # pass measures both the answers and how often the MTP module's drafts are accepted.

@@ -82,10 +82,14 @@ class ReplicaTraining(DataParallelRanks, LocalTraining):
     def save(self, root: str | Path, step: int, model: nn.Module, optimizer, extra: dict[str, Any],
              meta: dict[str, Any] | None = None, keep_last: int = 3) -> Path:
         """Rank 0 writes the single-process checkpoint; every rank learns whether it worked."""
+        save_here = super().save
+
         def write() -> str | None:
-            return str(super(ReplicaTraining, self).save(root, step, model, optimizer, extra, meta, keep_last)) \
-                if self.is_main else None
-        return Path(dcp_ckpt.on_every_rank(self.ctx, f"saving the checkpoint of step {step} in {root}", write)[0])
+            if not self.is_main:
+                return None
+            return str(save_here(root, step, model, optimizer, extra, meta, keep_last))
+        what = f"saving the checkpoint of step {step} in {root}"
+        return Path(dcp_ckpt.on_every_rank(self.ctx, what, write)[0])
 
     def load(self, path: str | Path, model: nn.Module, optimizer) -> dict[str, Any]:
         if dcp_ckpt.is_dcp_checkpoint(Path(path)):
